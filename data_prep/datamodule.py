@@ -1,0 +1,166 @@
+"""Lightning DataModule over a prepared root: one client, a list of clients or all pooled; volumes cached in memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised, ScaleIntensityd
+from monai.utils import convert_to_tensor
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from data_prep.preprocess import read_volume
+from data_prep.report import read_manifest
+from data_prep.splits import SPLITS
+
+DATA_ENV = "MED_DUALLORA_DATA"
+# CineMA classification augmentation (reference-cinema.md §3), defined for a 192-voxel crop.
+CINEMA_CROP = 192
+CINEMA_TRANSLATE = 60
+AUGMENT_PROB = 0.5
+
+
+def training_transform(crop: tuple[int, int], seed: int) -> Compose:
+    """CineMA's training recipe on an image (2, X, Y, Z): gamma, noise, rescale, z-rotation/translation/scale.
+
+    The translation range is scaled from CineMA's 60 voxels at 192 to the configured crop.
+    """
+    translate = (CINEMA_TRANSLATE * crop[0] / CINEMA_CROP, CINEMA_TRANSLATE * crop[1] / CINEMA_CROP, 0)
+    transform = Compose(
+        [
+            RandAdjustContrastd(keys="image", prob=AUGMENT_PROB, gamma=(0.5, 1.5)),
+            RandGaussianNoised(keys="image", prob=AUGMENT_PROB),
+            ScaleIntensityd(keys="image"),
+            RandAffined(
+                keys="image",
+                prob=AUGMENT_PROB,
+                rotate_range=(0, 0, np.pi),
+                translate_range=translate,
+                scale_range=(0.2, 0.2, 0.0),
+                mode="bilinear",
+                padding_mode="zeros",
+            ),
+        ]
+    )
+    transform.set_random_state(seed=seed)
+    return transform
+
+
+class CachedVolumes(Dataset):
+    """Manifest rows with their volumes held in memory as uint8 (read once, at construction)."""
+
+    def __init__(self, root: Path, rows: Sequence[dict[str, str]], transform: Compose | None) -> None:
+        self.rows = list(rows)
+        self.volumes = [np.rint(read_volume(root / row["image"]) * 255).astype(np.uint8) for row in self.rows]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        row = self.rows[index]
+        image = torch.from_numpy(self.volumes[index].astype(np.float32) / 255.0)
+        if self.transform is not None:
+            augmented = self.transform({"image": image})["image"]
+            image = convert_to_tensor(augmented, dtype=torch.float32, track_meta=False).clamp_(0.0, 1.0)
+        return {
+            "image": image,
+            "label": torch.tensor(int(row["label"]), dtype=torch.int64),
+            "subject_id": row["subject_id"],
+            "client": row["client"],
+            "pathology": row["pathology"],
+        }
+
+
+def _seed_worker_transform(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream, derived from the loader's seeded base seed."""
+    info = get_worker_info()
+    if info is not None and info.dataset.transform is not None:
+        info.dataset.transform.set_random_state(seed=torch.initial_seed() % 2**32)
+
+
+class VendorDataModule(L.LightningDataModule):
+    """Train/val/test loaders for one site (`clients=["ge"]`), several, or all pooled (`clients=None`)."""
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        clients: str | Sequence[str] | None = None,
+        batch_size: int = 2,
+        augment: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if root is None:
+            root = os.environ.get(DATA_ENV)
+            if not root:
+                raise ValueError(f"no prepared data root: pass root= or set the environment variable {DATA_ENV}")
+        self.root = Path(root)
+        manifest = self.root / "manifest.csv"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found: run `python -m data_prep.prepare` to create it")
+        rows = read_manifest(manifest)
+        available = sorted({row["client"] for row in rows})
+        wanted = [clients] if isinstance(clients, str) else list(clients) if clients is not None else available
+        unknown = sorted(set(wanted) - set(available))
+        if unknown:
+            raise ValueError(f"client(s) {unknown} not in {manifest} (available: {available})")
+        self.clients = wanted
+        self.rows = {split: [r for r in rows if r["client"] in wanted and r["split"] == split] for split in SPLITS}
+        if not self.rows["train"]:
+            raise ValueError(f"no training rows for clients {wanted} in {manifest}")
+        self.batch_size = batch_size
+        self.augment = augment
+        self.num_workers = num_workers
+        self.seed = seed
+        self.datasets: dict[str, CachedVolumes] = {}
+
+    @property
+    def num_train_samples(self) -> int:
+        """Number of training subjects (the sample count a federated client reports)."""
+        return len(self.rows["train"])
+
+    @property
+    def train_class_counts(self) -> list[int]:
+        """Training subjects per label: [healthy, diseased]."""
+        labels = [int(row["label"]) for row in self.rows["train"]]
+        return [labels.count(0), labels.count(1)]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read every volume of the selected clients once; later epochs never touch the files again."""
+        for split in SPLITS:
+            if split in self.datasets:
+                continue
+            transform = None
+            if split == "train" and self.augment:
+                first = read_volume(self.root / self.rows["train"][0]["image"])
+                transform = training_transform((first.shape[1], first.shape[2]), self.seed)
+            self.datasets[split] = CachedVolumes(self.root, self.rows[split], transform)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            worker_init_fn=_seed_worker_transform,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,65 @@
+"""Helpers shared by the readers: recursive file listing, CSV reading by column name, integer field parsing."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from data_prep.records import InputError
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every file under `root`, at any depth, sorted (hidden files and partial outputs skipped)."""
+    found: list[Path] = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found.extend(Path(folder) / name for name in names if not name.startswith("."))
+    return sorted(found)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and non-empty rows of a CSV (Excel padding rows such as `,,,,` dropped), each row a dict by column."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            rows = []
+            for values in reader:
+                if not any(value.strip() for value in values):
+                    continue
+                padded = values + [""] * (len(header) - len(values))
+                rows.append({name: value.strip() for name, value in zip(header, padded, strict=False) if name})
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(path, f"unreadable CSV ({type(error).__name__}: {error})") from error
+    return header, rows
+
+
+def require_columns(path: Path, header: list[str], names: tuple[str, ...]) -> None:
+    """Raise InputError naming the first required column missing from `header`."""
+    for name in names:
+        if name not in header:
+            raise InputError(path, f"missing column {name!r} (columns found: {', '.join(h for h in header if h)})")
+
+
+def parse_int(path: Path, value: str, field: str) -> int:
+    """Parse an integer field (`12` or `12.0`); anything else raises InputError naming the field."""
+    text = value.strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise InputError(path, f"field {field} is not an integer: {value!r}") from None
+    if not number.is_integer():
+        raise InputError(path, f"field {field} is not an integer: {value!r}")
+    return int(number)
+
+
+def check_ed_es(path: Path, ed: int, es: int, field: str) -> None:
+    """ED and ES must be different frames."""
+    if ed == es:
+        raise InputError(path, f"ED equals ES ({field}: both {ed})")
+
+
+def under(path: Path, root: Path) -> bool:
+    """True when `path` lies inside folder `root`."""
+    return path.is_relative_to(root)

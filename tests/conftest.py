@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny synthetic raw cohort and its prepared root (built once per test session)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_prep.prepare import run_prepare
+from data_prep.preprocess import Geometry
+from data_prep.synthesize import synthesize
+
+SUBJECTS_PER_VENDOR = 6
+TEST_GEOMETRY = Geometry(crop=(64, 64), spacing=(2.0, 2.0, 10.0), depth=8)
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Raw root with ACDC/, MnM/ and MnM2/ in the real layouts: 6 subjects per vendor, seed 0. Treat as read-only."""
+    raw = tmp_path_factory.mktemp("synthetic_raw")
+    synthesize(raw, seed=0, subjects_per_vendor=SUBJECTS_PER_VENDOR, workers=2)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def prepared_root(synthetic_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared root (manifest.csv + volumes) of `synthetic_raw`: 64×64×8 at 2×2×10 mm, split seed 0. Read-only."""
+    out = tmp_path_factory.mktemp("prepared_root")
+    result = run_prepare([synthetic_raw], out, seed=0, geometry=TEST_GEOMETRY, workers=2)
+    assert not result.problems, result.problems
+    return out
+
+
+def _copy_with_csv(folder: Path, csv_path: Path, key_column: int, key: str, destination: Path) -> tuple[Path, Path]:
+    """Copy one subject folder and a metadata CSV reduced to its header and that subject's row."""
+    target = destination / folder.name
+    shutil.copytree(folder, target)
+    lines = csv_path.read_text(encoding="utf-8").splitlines()
+    rows = [line for line in lines[1:] if line.split(",")[key_column].lstrip("0") == key.lstrip("0")]
+    new_csv = destination / csv_path.name
+    new_csv.write_text("\n".join([lines[0], *rows]) + "\n", encoding="utf-8")
+    return target, new_csv
+
+
+@pytest.fixture
+def one_subject(synthetic_raw: Path, tmp_path: Path):
+    """Factory: `one_subject(dataset)` copies one annotated subject of `synthetic_raw` into a fresh raw root.
+
+    Returns (raw_root, subject_folder, metadata_file): Info.cfg for ACDC, the reduced CSV for M&Ms-1 / M&Ms-2.
+    """
+
+    def make(dataset: str) -> tuple[Path, Path, Path]:
+        root = tmp_path / f"raw_{dataset}"
+        if dataset == "acdc":
+            folder = sorted((synthetic_raw / "ACDC" / "database" / "training").iterdir())[0]
+            target = root / "ACDC" / "training" / folder.name
+            shutil.copytree(folder, target)
+            return root, target, target / "Info.cfg"
+        if dataset == "mnms":
+            mnms_root = synthetic_raw / "MnM" / "OpenDataset"
+            folder = sorted((mnms_root / "Testing").iterdir())[0]
+            csv_path = next(mnms_root.glob("*M&Ms_Dataset_*.csv"))
+            destination = root / "OpenDataset"
+            (destination / "Testing").mkdir(parents=True)
+            target, new_csv = _copy_with_csv(folder, csv_path, 1, folder.name, destination / "Testing")
+            return root, target, new_csv.replace(destination / new_csv.name)
+        folder = sorted((synthetic_raw / "MnM2" / "dataset").iterdir())[0]
+        (root / "MnM2" / "dataset").mkdir(parents=True)
+        csv_path = synthetic_raw / "MnM2" / "dataset_information.csv"
+        target, new_csv = _copy_with_csv(folder, csv_path, 0, folder.name, root / "MnM2" / "dataset")
+        return root, target, new_csv.replace(root / "MnM2" / new_csv.name)
+
+    return make
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cinema_examples"
+# The examples' true pathologies are not published with them: the codes below are placeholders for the smoke test.
+EXAMPLE_ROWS = {
+    "acdc": ("patient_example", "", "DCM"),
+    "mnms": ("mnms_example", "A", "HCM"),
+    "mnms2": ("mnms2_example", "SIEMENS", "NOR"),
+}
+
+
+@pytest.fixture
+def cinema_examples(tmp_path: Path) -> Path:
+    """The three real CineMA-preprocessed subjects in CineMA's layout: {pid}/{pid}_sax_{ed,es}.nii.gz plus a CSV."""
+    if not EXAMPLES.is_dir():
+        pytest.skip(f"real examples not found at {EXAMPLES}")
+    root = tmp_path / "cinema_processed"
+    lines = ["pid,pathology,vendor,n_slices"]
+    for dataset, (pid, vendor, pathology) in EXAMPLE_ROWS.items():
+        (root / "train" / pid).mkdir(parents=True)
+        for phase in ("ed", "es"):
+            shutil.copy(EXAMPLES / dataset / f"sax_{phase}.nii.gz", root / "train" / pid / f"{pid}_sax_{phase}.nii.gz")
+        lines.append(f"{pid},{pathology},{vendor},0")
+    (root / "train_metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
