@@ -136,9 +136,12 @@ class ConvViTConfig:
         if views not in ("sax", ["sax"]):
             raise ValueError(f"{path}: field model.views is {views!r}; only the SAX view ('sax') is supported")
         size = reader.get("model.convvit.size")
-        if size not in CINEMA_SIZES:
-            raise ValueError(f"{path}: field model.convvit.size is {size!r}; expected one of {list(CINEMA_SIZES)}")
-        embed_dim, depth, n_heads = CINEMA_SIZES[size]
+        if size in CINEMA_SIZES:
+            embed_dim, depth, n_heads = CINEMA_SIZES[size]
+        elif size in CPU_PRESETS:  # our own CPU sizes, written by save_cinema / app.pretrain
+            embed_dim, depth, n_heads = (CPU_PRESETS[size][k] for k in ("embed_dim", "depth", "n_heads"))
+        else:
+            raise ValueError(f"{path}: field model.convvit.size is {size!r}; expected one of {list(PRESET_NAMES)}")
         try:
             return cls(
                 image_size=reader.int_list("data.sax.patch_size", 3),

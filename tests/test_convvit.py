@@ -108,6 +108,15 @@ def test_from_cinema_yaml_reads_fixture_config() -> None:
     assert ConvViTConfig.from_cinema_yaml(path, n_classes=5).n_classes == 5
 
 
+def test_from_cinema_yaml_accepts_cpu_preset_sizes(tmp_path: Path) -> None:
+    source = (cinema_fixture_dir() / "finetuned_tiny/config.yaml").read_text()
+    micro = tmp_path / "micro.yaml"
+    micro.write_text(source.replace("size: tiny", "size: micro"))
+    config = ConvViTConfig.from_cinema_yaml(micro)
+    reference = ConvViTConfig.preset("micro")
+    assert (config.embed_dim, config.depth, config.n_heads) == (reference.embed_dim, reference.depth, reference.n_heads)
+
+
 def test_from_cinema_yaml_names_file_and_field(tmp_path: Path) -> None:
     source = (cinema_fixture_dir() / "finetuned_tiny/config.yaml").read_text()
     no_size = tmp_path / "no_size.yaml"

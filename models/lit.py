@@ -1,0 +1,351 @@
+"""DualLoRAClassifier: the LightningModule shared by the federated client and the centralized baseline."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torchmetrics.functional import classification as tmf
+
+from models.config import ConvViTConfig
+from models.dual_lora import (
+    DualLoRAConfig,
+    adapters_active,
+    add_adapters,
+    backbone_of,
+    build_policy,
+    first_trained_block,
+)
+from models.loading import load_cinema
+from models.prefix_cache import DEFAULT_CACHE_BYTES, PrefixCache, run_frozen_prefix
+
+__all__ = [
+    "CINEMA_CLASSES",
+    "HEALTHY_CLASS",
+    "METRIC_NAMES",
+    "DualLoRAClassifier",
+    "detection_metrics",
+    "flatten_metrics",
+]
+
+# CineMA's pathology class lists (cinema/classification/{acdc,mnms,mnms2}/config.yaml).
+CINEMA_CLASSES: dict[str, list[str]] = {
+    "acdc": ["DCM", "HCM", "MINF", "NOR", "RV"],
+    "mnms": ["DCM", "HCM", "NOR", "ARV", "HHD"],
+    "mnms2": ["ARR", "CIA", "FALL", "HCM", "LV", "NOR"],
+}
+HEALTHY_CLASS = "NOR"
+METRIC_NAMES = ("bal_acc", "sensitivity", "specificity", "auroc", "mcc", "f1")
+DECISION_THRESHOLD = 0.5
+
+
+def detection_metrics(p_diseased: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Disease-detection metrics (1 = diseased is positive) with torchmetrics; undefined ones are NaN.
+
+    Sensitivity, AUROC and balanced accuracy need a diseased subject; specificity, AUROC and balanced accuracy
+    need a healthy one. MCC is 0 for a degenerate confusion matrix.
+    """
+    labels = labels.long()
+    has_pos, has_neg = bool((labels == 1).any()), bool((labels == 0).any())
+    sens = tmf.binary_recall(p_diseased, labels, DECISION_THRESHOLD).item() if has_pos else math.nan
+    spec = tmf.binary_specificity(p_diseased, labels, DECISION_THRESHOLD).item() if has_neg else math.nan
+    return {
+        "bal_acc": (sens + spec) / 2,
+        "sensitivity": sens,
+        "specificity": spec,
+        "auroc": tmf.binary_auroc(p_diseased, labels).item() if has_pos and has_neg else math.nan,
+        "mcc": tmf.binary_matthews_corrcoef(p_diseased, labels, DECISION_THRESHOLD).item(),
+        "f1": tmf.binary_f1_score(p_diseased, labels, DECISION_THRESHOLD).item(),
+    }
+
+
+def _multiclass_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    n_classes = probs.shape[1]
+    return {
+        "mc_bal_acc": tmf.multiclass_recall(probs, targets, n_classes, average="macro").item(),
+        "mc_mcc": tmf.multiclass_matthews_corrcoef(probs, targets, n_classes).item(),
+        "mc_f1": tmf.multiclass_f1_score(probs, targets, n_classes, average="macro").item(),
+    }
+
+
+def flatten_metrics(prefix: str, grouped: Mapping[str, Any]) -> dict[str, float]:
+    """Logged names: pooled `{prefix}_{metric}`, per client `{prefix}_{client}_{metric}`, counts as `..._n`."""
+    flat = {f"{prefix}_{name}": float(value) for name, value in grouped["pooled"].items()}
+    for client, metrics in grouped["clients"].items():
+        flat.update({f"{prefix}_{client}_{name}": float(value) for name, value in metrics.items()})
+    return flat
+
+
+class DualLoRAClassifier(pl.LightningModule):
+    """CineMA ConvViT with the policy's peft adapters, trained with CE and evaluated per client and pooled.
+
+    `self.model` is the PeftModel (or the bare ConvViT for `fedavg_full`), so state-dict keys read
+    `model.base_model.model.encoder.blocks.10.attn.q.lora_A.global.weight` and
+    `model.base_model.model.pred_head_dict.sax.weight` (`model.encoder.blocks.10...` for `fedavg_full`).
+    Checkpoints keep only trainable parameters; on load, the frozen entries come from the backbone rebuilt from
+    `weights`, so loading stays strict.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "micro",
+        backbone_overrides: dict[str, Any] | None = None,
+        cinema_config: str | None = None,
+        weights: str | None = None,
+        adapter: DualLoRAConfig | None = None,
+        policy: str = "med_duallora",
+        share_head: bool | None = None,
+        task: Literal["binary", "multiclass"] = "binary",
+        classes: str | list[str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        max_epochs: int = 10,
+        min_lr: float = 1e-5,
+        label_smoothing: float = 0.1,
+        class_weights: Literal["inverse_frequency"] | list[float] | None = None,
+        use_prefix_cache: bool = True,
+        cache_train_prefix: bool = False,
+        prefix_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        eval_global_only: bool = False,
+        grad_ckpt: bool = False,
+    ) -> None:
+        """
+        Args:
+            backbone: ConvViT preset (`micro`, `small`, `tiny`, `base`, ...); ignored when `cinema_config` is set.
+            backbone_overrides: ConvViTConfig fields overriding the preset (e.g. `image_size`).
+            cinema_config: a CineMA downstream config.yaml describing the backbone.
+            weights: local CineMA `.safetensors` (fine-tuned or pretrained MAE); None = random, with a loud warning.
+            adapter: placement and size of the LoRA adapters (default: r=8, alpha=16, q/kv/proj, last two blocks).
+            policy: sharing policy name (models.policy.POLICY_NAMES); share_head overrides its default.
+            task: `binary` (label 0 = NOR, 1 = diseased) or `multiclass` on the batch's `pathology`.
+            classes: multiclass class list, or a CineMA dataset name (`acdc`, `mnms`, `mnms2`); must contain NOR.
+            lr, weight_decay, warmup_epochs, max_epochs, min_lr: AdamW (no decay on 1-D params), linear warm-up
+                then cosine to min_lr at max_epochs, updated every optimiser step.
+            label_smoothing: of the cross-entropy.
+            class_weights: per-class CE weights, or `inverse_frequency` from the datamodule's `train_class_counts`
+                (normalised to sum to the number of classes).
+            use_prefix_cache: reuse frozen-prefix features per subject in validation and test.
+            cache_train_prefix: also in training; only worth it without random augmentation (exact either way).
+            prefix_cache_bytes: memory bound of the prefix cache.
+            eval_global_only: also evaluate with the local adapter disabled, logged as `{stage}_global_only_*`.
+            grad_ckpt: gradient checkpointing of the encoder blocks (for the base size on GPU).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.adapter_config = adapter or DualLoRAConfig()
+        self.class_names = self._class_names(task, classes)
+        n_classes = len(self.class_names) if self.class_names else 2
+        if cinema_config is not None:
+            model_config = ConvViTConfig.from_cinema_yaml(cinema_config, n_classes=n_classes)
+        else:
+            model_config = ConvViTConfig.preset(backbone, **{"n_classes": n_classes, **(backbone_overrides or {})})
+        convvit = load_cinema(weights, model_config)
+        convvit.set_grad_ckpt(grad_ckpt)
+        self.policy = build_policy(policy, self.adapter_config, model_config.depth, share_head)
+        if eval_global_only and set(self.policy.adapters) != {"global", "local"}:
+            raise ValueError(f"eval_global_only needs both adapters; policy {policy} has {list(self.policy.adapters)}")
+        self.model = add_adapters(convvit, self.adapter_config, self.policy)
+        self.start_block = first_trained_block(self.model, self.policy)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if use_prefix_cache or cache_train_prefix else None
+        self.register_buffer("class_weight", self._fixed_class_weights(class_weights, n_classes), persistent=False)
+        self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor, list[str]]]] = defaultdict(list)
+        self.eval_results: dict[str, dict[str, Any]] = {}  # last evaluation per prefix (`test`, `val_global_only`)
+
+    @staticmethod
+    def _class_names(task: str, classes: str | list[str] | None) -> list[str] | None:
+        if task == "binary":
+            if classes is not None:
+                raise ValueError("classes is only for task=multiclass; binary labels are 0 = NOR, 1 = diseased")
+            return None
+        if task != "multiclass":
+            raise ValueError(f"task must be 'binary' or 'multiclass', got {task!r}")
+        if classes is None:
+            raise ValueError(f"task=multiclass needs classes: a list or one of {sorted(CINEMA_CLASSES)}")
+        names = CINEMA_CLASSES.get(classes) if isinstance(classes, str) else list(classes)
+        if names is None:
+            raise ValueError(f"classes {classes!r} is not a CineMA dataset; choose one of {sorted(CINEMA_CLASSES)}")
+        if HEALTHY_CLASS not in names or len(set(names)) != len(names):
+            raise ValueError(f"classes {names} must be distinct and contain {HEALTHY_CLASS}")
+        return names
+
+    @staticmethod
+    def _fixed_class_weights(class_weights: str | Sequence[float] | None, n_classes: int) -> torch.Tensor | None:
+        if class_weights is None or class_weights == "inverse_frequency":
+            return None
+        if isinstance(class_weights, str) or len(class_weights) != n_classes:
+            raise ValueError(
+                f"class_weights must be 'inverse_frequency' or {n_classes} numbers, got {class_weights!r}"
+            )
+        return torch.tensor([float(w) for w in class_weights])
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.class_weights == "inverse_frequency":
+            counts = getattr(self.trainer.datamodule, "train_class_counts", None)
+            if self.class_names is not None or counts is None:
+                raise ValueError(
+                    "class_weights=inverse_frequency needs a binary task and datamodule.train_class_counts"
+                )
+            counts = torch.as_tensor([float(counts[c]) for c in range(2)])
+            if (counts == 0).any():
+                raise ValueError(
+                    f"class_weights=inverse_frequency: a class has no training sample ({counts.tolist()})"
+                )
+            inverse = 1.0 / counts
+            self.class_weight = (inverse * len(counts) / inverse.sum()).to(self.device)
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, subject_ids: Sequence[str] | None = None) -> torch.Tensor:
+        """Logits; the frozen prefix runs without autograd and, given subject ids, through the prefix cache."""
+        convvit = backbone_of(self.model)
+        if subject_ids is not None and self.prefix_cache is not None:
+            prefix = self.prefix_cache.features(convvit, images, list(subject_ids), self.start_block)
+        else:
+            prefix = run_frozen_prefix(convvit, images, self.start_block)
+        return convvit.forward_suffix(prefix, self.start_block)
+
+    def _targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if self.class_names is None:
+            return batch["label"].long()
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = sorted({p for p in batch["pathology"] if p not in index})
+        if unknown:
+            raise ValueError(f"pathology {unknown} not in classes {self.class_names} (subjects {batch['subject_id']})")
+        return torch.tensor([index[p] for p in batch["pathology"]], device=self.device)
+
+    def _p_diseased(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(dim=1)
+        if self.class_names is None:
+            return probs[:, 1]
+        return 1.0 - probs[:, self.class_names.index(HEALTHY_CLASS)]
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=self.class_weight, label_smoothing=self.hparams.label_smoothing)
+
+    # ---- steps ---------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        subject_ids = batch.get("subject_id") if self.hparams.cache_train_prefix else None
+        logits = self(batch["image"], subject_ids)
+        loss = self._loss(logits, self._targets(batch))
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> None:
+        subject_ids = batch.get("subject_id") if self.hparams.use_prefix_cache else None
+        targets = self._targets(batch)
+        clients = list(batch.get("client", ["all"] * len(targets)))
+        logits = self(batch["image"], subject_ids)
+        self.log(f"{stage}_loss", self._loss(logits, targets), batch_size=len(targets))
+        self._eval_outputs[stage].append((logits.detach().float().cpu(), targets.cpu(), clients))
+        if self.hparams.eval_global_only:
+            with adapters_active(self.model, self.policy, ("global",)):
+                global_logits = self(batch["image"], subject_ids)
+            self._eval_outputs[f"{stage}_global_only"].append(
+                (global_logits.detach().float().cpu(), targets.cpu(), clients)
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test")
+
+    def _log_eval_metrics(self, stage: str) -> None:
+        for prefix in [stage, f"{stage}_global_only"]:
+            outputs = self._eval_outputs.pop(prefix, [])
+            if outputs:
+                self.eval_results[prefix] = self.grouped_metrics(outputs)
+                self.log_dict(flatten_metrics(prefix, self.eval_results[prefix]), batch_size=1)
+
+    def grouped_metrics(self, outputs: list[tuple[torch.Tensor, torch.Tensor, list[str]]]) -> dict[str, Any]:
+        """`{"pooled": metrics, "clients": {client: metrics}}`, each with its subject count `n`."""
+        logits = torch.cat([o[0] for o in outputs])
+        targets = torch.cat([o[1] for o in outputs])
+        clients = [c for o in outputs for c in o[2]]
+        per_client = {}
+        for client in sorted(set(clients)):
+            mask = torch.tensor([c == client for c in clients])
+            per_client[client] = {**self._metrics(logits[mask], targets[mask]), "n": int(mask.sum())}
+        return {"pooled": {**self._metrics(logits, targets), "n": len(clients)}, "clients": per_client}
+
+    def _metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        p_diseased = self._p_diseased(logits)
+        if self.class_names is None:
+            return detection_metrics(p_diseased, targets)
+        healthy = self.class_names.index(HEALTHY_CLASS)
+        return {
+            **detection_metrics(p_diseased, (targets != healthy).long()),
+            **_multiclass_metrics(logits.softmax(1), targets),
+        }
+
+    # ---- optimisation --------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr, betas=(0.9, 0.95))
+        steps_per_epoch = self._steps_per_epoch()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step / steps_per_epoch))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> float:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.max_epochs or trainer.max_epochs < 1:
+            return 1.0
+        return max(1.0, float(trainer.estimated_stepping_batches) / trainer.max_epochs)
+
+    def lr_factor(self, epoch: float) -> float:
+        """Multiplier of lr at a (fractional) epoch: linear warm-up, then cosine down to min_lr at max_epochs."""
+        warmup, total = self.hparams.warmup_epochs, self.hparams.max_epochs
+        if epoch < warmup:
+            return (epoch + 1e-3) / warmup
+        progress = min(1.0, (epoch - warmup) / max(total - warmup, 1e-8))
+        floor = self.hparams.min_lr / self.hparams.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # ---- state exchanged with NVFlare and checkpoints --------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable entry (`model.`-prefixed keys), e.g. a site's private state to persist."""
+        return {key: value for key, value in self.state_dict().items() if self.policy.is_trainable(key)}
+
+    def shared_state_dict(self) -> dict[str, torch.Tensor]:
+        """The entries the policy lets leave the site (`model.`-prefixed keys)."""
+        return self.policy.shared_state_dict(self.state_dict())
+
+    def load_shared_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load an aggregated global model: every key must be shared by the policy and exist in this module."""
+        refused = sorted(key for key in state if not self.policy.is_shared(key))
+        if refused:
+            raise ValueError(f"policy {self.policy.name} does not share keys {refused[:5]} ({len(refused)} in all)")
+        result = self.load_state_dict(dict(state), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"keys not in this model: {result.unexpected_keys[:5]}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.policy.is_trainable(k)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Complete a trainable-only checkpoint with this module's frozen entries (rebuilt from `weights`)."""
+        saved = checkpoint["state_dict"]
+        current = self.state_dict()
+        missing = sorted(key for key in current if self.policy.is_trainable(key) and key not in saved)
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable keys {missing[:5]} ({len(missing)} in all)")
+        checkpoint["state_dict"] = {**{k: v for k, v in current.items() if not self.policy.is_trainable(k)}, **saved}

@@ -1,0 +1,142 @@
+"""Centralized baseline: `python -m app.centralized` learns a held-out synthetic task and reports per vendor."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from app.centralized import run
+
+CONFIG = Path(__file__).resolve().parents[1] / "app" / "configs" / "centralized_micro.yaml"
+SHAPE = (64, 64, 8)  # the micro preset's input
+CLIENTS = ("ge", "canon")
+SPLIT_SIZES = {"train": 48, "val": 8, "test": 32}  # per client
+
+
+def synthetic_volume(rng: np.random.Generator, diseased: bool) -> np.ndarray:
+    """(X, Y, Z, 2) in [0, 1]: a bright disk (the LV blood pool) at ED, shrunk at ES unless the heart is diseased.
+
+    Healthy hearts contract (ES radius 0.3 x ED), diseased ones do not: an ejection fraction near zero.
+    """
+    xx, yy = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
+    centre = rng.uniform(20, 44, size=2)
+    radius = rng.uniform(12, 18)
+    distance = np.hypot(xx - centre[0], yy - centre[1])
+    volume = rng.uniform(0, 0.2, size=(*SHAPE, 2))
+    volume[..., 0][distance < radius] += 0.8
+    volume[..., 1][distance < radius * (1.0 if diseased else 0.3)] += 0.8
+    return np.clip(volume, 0, 1)
+
+
+def write_prepared_root(root: Path, seed: int = 0) -> Path:
+    """A prepared root in the data_prep layout (manifest.csv + NIfTI (X, Y, Z, 2) uint8 volumes)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for client in CLIENTS:
+        for split, size in SPLIT_SIZES.items():
+            for index in range(size):
+                label = index % 2
+                subject = f"{client}_{split}_{index:03d}"
+                relative = Path("volumes") / client / f"{subject}.nii.gz"
+                (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                image = nib.Nifti1Image(synthetic_volume(rng, bool(label)).astype(np.float32), np.eye(4))
+                image.set_data_dtype(np.uint8)
+                nib.save(image, root / relative)
+                rows.append(
+                    {
+                        "subject_id": subject,
+                        "dataset": "synthetic",
+                        "vendor": client.upper(),
+                        "client": client,
+                        "split": split,
+                        "pathology": "DCM" if label else "NOR",
+                        "label": label,
+                        "image": relative.as_posix(),
+                    }
+                )
+    with (root / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the CPU is shared, and oversubscribed OpenMP threads slow these small ops several-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_prepared_root(tmp_path_factory.mktemp("prepared"))
+
+
+def test_centralized_fit_learns_a_held_out_task_and_reports_per_vendor(synthetic_root, tmp_path):
+    # Checked across seeds (seed_everything 0-17, data seeds 0-3): held-out pooled balanced accuracy 0.84-1.0
+    # (median 1.0), AUROC >= 0.90, per-client balanced accuracy >= 0.78; untrained (max_epochs 0) it scores 0.47-0.5.
+    metrics_path = tmp_path / "metrics.json"
+    report = run(
+        [
+            f"--config={CONFIG}",
+            f"--data.root={synthetic_root}",
+            f"--metrics_out={metrics_path}",
+            "--model.adapter.blocks=[0, 1, 2, 3]",
+            "--trainer.max_epochs=20",
+            "--trainer.check_val_every_n_epoch=20",
+        ]
+    )
+    assert json.loads(metrics_path.read_text()) == report
+    assert report["kind"] == "centralized" and report["trained_on"] == sorted(CLIENTS)
+    assert report["train_samples"] == 2 * SPLIT_SIZES["train"] and report["epochs"] == 20
+    test = report["test"]
+    assert test["pooled"]["n"] == 2 * SPLIT_SIZES["test"]
+    assert sorted(test["clients"]) == sorted(CLIENTS)
+    assert all(test["clients"][client]["n"] == SPLIT_SIZES["test"] for client in CLIENTS)
+    assert test["pooled"]["bal_acc"] >= 0.75, test["pooled"]
+    assert test["pooled"]["auroc"] >= 0.85, test["pooled"]
+    for client in CLIENTS:
+        assert test["clients"][client]["bal_acc"] >= 0.65, (client, test["clients"][client])
+    expected_mean = (test["clients"]["ge"]["bal_acc"] + test["clients"]["canon"]["bal_acc"]) / 2
+    assert math.isclose(test["mean_over_clients"]["bal_acc"], expected_mean)
+    assert "val" in report
+
+
+def test_local_only_baseline_trains_and_tests_one_site(synthetic_root, tmp_path):
+    report = run(
+        [
+            f"--config={CONFIG}",
+            f"--data.root={synthetic_root}",
+            f"--metrics_out={tmp_path / 'ge.json'}",
+            "--data.clients=[ge]",
+            "--trainer.max_epochs=1",
+        ]
+    )
+    assert report["kind"] == "local_only" and report["trained_on"] == ["ge"]
+    assert list(report["test"]["clients"]) == ["ge"] and report["train_samples"] == SPLIT_SIZES["train"]
+    assert (tmp_path / "ge.json").is_file()
+
+
+def test_centralized_runs_on_the_prepared_cohort_and_tests_every_vendor(prepared_root, tmp_path):
+    """The data_prep output (synthetic cohort through the real pipeline), read from $MED_DUALLORA_DATA."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MED_DUALLORA_DATA", str(prepared_root))
+        report = run([f"--config={CONFIG}", f"--metrics_out={tmp_path / 'm.json'}", "--trainer.max_epochs=1"])
+    with (prepared_root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    test_counts = {
+        c: sum(r["client"] == c and r["split"] == "test" for r in rows) for c in {r["client"] for r in rows}
+    }
+    assert report["trained_on"] == sorted(test_counts)
+    assert {c: m["n"] for c, m in report["test"]["clients"].items()} == {c: n for c, n in test_counts.items() if n}
+    assert report["test"]["pooled"]["n"] == sum(test_counts.values())
