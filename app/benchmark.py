@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +15,9 @@ from typing import Any
 import torch
 
 from app.benchmark_runs import METHODS
-from app.report import write_report, write_text_atomic
+from app.cohort_steps import prepare_split, run_module
+from app.report import write_report
+from models.atomic_io import write_json_atomic, write_text_atomic
 from models.config import ConvViTConfig
 
 MARKER_NAME = "run_record.json"
@@ -59,7 +60,7 @@ def check_configuration(out_dir: Path, configuration: Mapping[str, Any]) -> None
             )
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(path, wanted)
 
 
 def read_record(run_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
@@ -145,7 +146,7 @@ def synthesize_cohort(raw_dir: Path, seed: int, subjects_per_vendor: int, log: C
     if not done.exists():
         if raw_dir.exists():
             shutil.rmtree(raw_dir)
-        _run_module(
+        run_module(
             [
                 "data_prep.synthesize",
                 "--out",
@@ -159,35 +160,6 @@ def synthesize_cohort(raw_dir: Path, seed: int, subjects_per_vendor: int, log: C
         )
         write_text_atomic(done, f"seed {seed}, {subjects_per_vendor} subjects per vendor\n")
     return raw_dir
-
-
-def prepare_split(
-    raw_dir: Path, prepared: Path, seed: int, options: Sequence[str], log: Callable[[str], None]
-) -> Path:
-    """The prepared root of one seed's split (manifest.csv, written last by data_prep.prepare, marks it finished)."""
-    if not (prepared / "manifest.csv").exists():
-        _run_module(
-            [
-                "data_prep.prepare",
-                "--raw",
-                str(raw_dir),
-                "--out",
-                str(prepared),
-                "--seed",
-                str(seed),
-                "--workers",
-                "1",
-                *options,
-            ],
-            log,
-        )
-    return prepared
-
-
-def _run_module(arguments: Sequence[str], log: Callable[[str], None]) -> None:
-    command = [sys.executable, "-m", *arguments]
-    log("+ " + " ".join(command))
-    subprocess.run(command, check=True)
 
 
 def geometry_options(backbone: str) -> list[str]:

@@ -14,8 +14,8 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from app.evaluation import mean_over_sites, weighted_mean_over_sites
-from custom.atomic import write_json_atomic
 from data_prep.datamodule import VendorDataModule
+from models.atomic_io import write_json_atomic
 from models.lit import DualLoRAClassifier
 
 DEFAULT_METRICS_OUT = "runs/centralized/metrics.json"

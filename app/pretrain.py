@@ -13,10 +13,9 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
-import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml
 
+from app.cohort_steps import prepare_split, run_module
 from data_prep.preprocess import read_volume
+from models.atomic_io import write_text_atomic
 from models.config import PRESET_NAMES, ConvViTConfig
 from models.convvit import ConvViT
 from models.loading import HEAD_PREFIX, load_cinema, save_cinema
@@ -64,12 +65,11 @@ def namespace_subject_ids(prepared: Path, namespace: str) -> None:
     for row in rows:
         row["source_subject_id"] = row["subject_id"]
         row["subject_id"] = namespace + row["subject_id"]
-    temporary = manifest.with_name(".manifest.csv.tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, manifest)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(manifest, buffer.getvalue())
 
 
 def volume_digests(prepared: Path) -> dict[str, str]:
@@ -116,10 +116,8 @@ def synthesize_and_prepare(
     """Generate the pretraining cohort with the data_prep CLIs (unless already prepared) and return its root."""
     raw, prepared = cohort_dir / "raw", cohort_dir / "prepared"
     if not (prepared / "manifest.csv").exists():
-        _run(
+        run_module(
             [
-                sys.executable,
-                "-m",
                 "data_prep.synthesize",
                 "--out",
                 str(raw),
@@ -127,30 +125,14 @@ def synthesize_and_prepare(
                 str(seed),
                 "--subjects-per-vendor",
                 str(subjects_per_vendor),
-            ]
+            ],
+            _print,
         )
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "data_prep.prepare",
-                "--raw",
-                str(raw),
-                "--out",
-                str(prepared),
-                "--seed",
-                str(seed),
-                "--workers",
-                "1",
-                *prepare_options,
-            ]
-        )
-    return prepared
+    return prepare_split(raw, prepared, seed, prepare_options, _print)
 
 
-def _run(command: Sequence[str]) -> None:
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+def _print(message: str) -> None:
+    print(message, flush=True)
 
 
 class PathologyPretrainer(pl.LightningModule):

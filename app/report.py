@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from app.evaluation import METRIC_NAMES, binary_metrics, mean_over_sites, mean_std  # noqa: E402
 from app.significance import PairedTest, compare_to_baselines  # noqa: E402
+from models.atomic_io import write_atomic, write_text_atomic  # noqa: E402
 
 REFERENCE_METHOD = "med_duallora"
 POOLED_SITE = "pooled"
@@ -49,13 +49,6 @@ PLOT_FILES = {"rounds": "bal_acc_per_round.png", "bytes": "bal_acc_vs_bytes.png"
 
 RunRecord = Mapping[str, Any]
 """One finished (method, seed) run; the schema is documented in docs/evaluation.md ("Run record")."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, then rename it over `path`."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def primary_kind(kinds: Iterable[str]) -> str:
@@ -125,14 +118,25 @@ def _csv_value(value: Any) -> Any:
     return repr(value) if isinstance(value, float) else value
 
 
-def site_scores(rows: Sequence[Mapping[str, Any]], metric: str = "bal_acc") -> dict[str, dict[tuple[int, str], float]]:
-    """Per method, its primary model's `metric` keyed by (seed, site), pooled rows left out: the pairs to test."""
+def _kinds_by_method(rows: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """The model kinds each method reported, methods in first-seen order."""
     kinds: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         kinds[row["method"]].add(row["model_kind"])
+    return dict(kinds)
+
+
+def _primary_kinds(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The model kind each method is compared on, methods in first-seen order."""
+    return {method: primary_kind(kinds) for method, kinds in _kinds_by_method(rows).items()}
+
+
+def site_scores(rows: Sequence[Mapping[str, Any]], metric: str = "bal_acc") -> dict[str, dict[tuple[int, str], float]]:
+    """Per method, its primary model's `metric` keyed by (seed, site), pooled rows left out: the pairs to test."""
+    primary = _primary_kinds(rows)
     scores: dict[str, dict[tuple[int, str], float]] = defaultdict(dict)
     for row in rows:
-        if row["site"] != POOLED_SITE and row["model_kind"] == primary_kind(kinds[row["method"]]):
+        if row["site"] != POOLED_SITE and row["model_kind"] == primary[row["method"]]:
             scores[row["method"]][(int(row["seed"]), row["site"])] = float(row[metric])
     return dict(scores)
 
@@ -192,9 +196,9 @@ def summary_markdown(
     header_lines: Sequence[str],
 ) -> str:
     """summary.md: performance, per-site, global-only, cost and significance tables, with their reading notes."""
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    kinds = {method: {row["model_kind"] for row in rows if row["method"] == method} for method in methods}
-    primary = {method: primary_kind(kinds[method]) for method in methods}
+    kinds = _kinds_by_method(rows)
+    methods = list(kinds)
+    primary = _primary_kinds(rows)
     tests = {test.baseline: test for test in significance(rows)}
     seeds = sorted({int(row["seed"]) for row in rows})
     lines = list(header_lines) + [""]
@@ -341,10 +345,10 @@ def plot_all(rows: Sequence[Mapping[str, Any]], records: Sequence[RunRecord], ou
 
 
 def _save_figure(figure: plt.Figure, path: Path) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
+    try:
+        write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=120))
+    finally:
+        plt.close(figure)
     return path
 
 
@@ -368,10 +372,8 @@ def _draw_rounds(axes, rows, records) -> None:
 
 
 def _draw_bytes(axes, rows, records) -> None:
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    kinds = {method: {row["model_kind"] for row in rows if row["method"] == method} for method in methods}
-    for method in methods:
-        seed_means = _per_seed_site_means(rows, method, primary_kind(kinds[method]))
+    for method, kind in _primary_kinds(rows).items():
+        seed_means = _per_seed_site_means(rows, method, kind)
         mean, std, _ = mean_std([means["bal_acc"] for means in seed_means.values()])
         sent = _first_per_run(rows, method, "bytes_sent_total")
         if not sent:
@@ -388,8 +390,8 @@ def _draw_bytes(axes, rows, records) -> None:
 
 
 def _draw_sites(axes, rows, records) -> None:
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    kinds = {method: {row["model_kind"] for row in rows if row["method"] == method} for method in methods}
+    primary = _primary_kinds(rows)
+    methods = list(primary)
     sites = list(dict.fromkeys(row["site"] for row in rows if row["site"] != POOLED_SITE))
     width = 0.8 / max(len(methods), 1)
     for index, method in enumerate(methods):
@@ -398,7 +400,7 @@ def _draw_sites(axes, rows, records) -> None:
             values = [
                 float(row["bal_acc"])
                 for row in rows
-                if row["method"] == method and row["site"] == site and row["model_kind"] == primary_kind(kinds[method])
+                if row["method"] == method and row["site"] == site and row["model_kind"] == primary[method]
             ]
             mean, std, _ = mean_std(values)
             means.append(mean)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +12,10 @@ import nibabel as nib
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from data_prep.nifti import save_atomic
 from data_prep.phantom import Acquisition, Cine
 from data_prep.records import ACDC_LABEL_MAP, MNMS_LABEL_MAP
+from models.atomic_io import write_text_atomic
 
 INT16_MAX = 32767
 
@@ -82,23 +84,18 @@ def four_chamber_affine(sax_affine: np.ndarray, acq: Acquisition, spacing: float
 
 def save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Write a NIfTI file (temporary name, then rename) keeping the data's dtype."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(data, affine)
     image.header.set_xyzt_units("mm", "sec")
-    temporary = path.with_name(f".{path.name.removesuffix('.nii.gz')}.tmp.nii.gz")
-    nib.save(image, str(temporary))
-    os.replace(temporary, path)
+    save_atomic(image, path)
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Write a CSV (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def write_acdc(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from data_prep.records import FrameRef, InputError
+from models.atomic_io import atomic_path
 
 PARTIAL_SUFFIX = ".partial.nii.gz"
 
@@ -86,10 +86,5 @@ def _as_label(frame: np.ndarray, ref: FrameRef) -> np.ndarray:
 
 def save_atomic(image: nib.Nifti1Image, path: Path) -> None:
     """Write `image` under a temporary name in its folder, then rename: a crash never leaves a valid-looking file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name.removesuffix('.nii.gz')}.{os.getpid()}{PARTIAL_SUFFIX}")
-    try:
+    with atomic_path(path, suffix=PARTIAL_SUFFIX) as temporary:
         nib.save(image, str(temporary))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

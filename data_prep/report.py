@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from data_prep.records import InputError
 from data_prep.splits import SPLITS
+from models.atomic_io import write_text_atomic
 
 MANIFEST_COLUMNS = (
     "subject_id",
@@ -34,16 +35,11 @@ SKIPPED_COLUMNS = ("path", "reason")
 
 def write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[dict[str, object]]) -> None:
     """Write a CSV under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with temporary.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="raise")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="raise")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def write_skipped(path: Path, problems: Iterable[InputError]) -> None:

@@ -10,76 +10,70 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VendorProfile:
     """Acquisition and appearance of one scanner vendor (ranges are sampled uniformly per subject)."""
 
     name: str
     spacing_mm: tuple[float, float]
     matrix: tuple[int, int]
-    matrix_aspect: tuple[float, float]
+    matrix_aspect: tuple[float, float] = (1.0, 1.0)
     snr: tuple[float, float]
     bias_amplitude: float
     blood_to_myocardium: tuple[float, float]
     edge_mm: tuple[float, float]
     max_value: tuple[float, float]
-    float_fraction: float
-    field_3t_fraction: float
+    float_fraction: float = 0.0
+    field_3t_fraction: float = 0.0
 
 
 PROFILES: dict[str, VendorProfile] = {
-    "siemens": VendorProfile(
-        name="siemens",
-        spacing_mm=(1.30, 1.90),
-        matrix=(154, 200),
-        matrix_aspect=(1.0, 1.19),
-        snr=(20.0, 40.0),
-        bias_amplitude=0.20,
-        blood_to_myocardium=(3.0, 4.0),
-        edge_mm=(0.4, 0.7),
-        max_value=(500.0, 1500.0),
-        float_fraction=0.0,
-        field_3t_fraction=0.4,
-    ),
-    "philips": VendorProfile(
-        name="philips",
-        spacing_mm=(1.15, 1.35),
-        matrix=(192, 208),
-        matrix_aspect=(1.0, 1.0),
-        snr=(15.0, 30.0),
-        bias_amplitude=0.30,
-        blood_to_myocardium=(2.5, 3.5),
-        edge_mm=(1.0, 1.4),
-        max_value=(1000.0, 4000.0),
-        float_fraction=0.0,
-        field_3t_fraction=0.0,
-    ),
-    "ge": VendorProfile(
-        name="ge",
-        spacing_mm=(1.30, 1.45),
-        matrix=(176, 200),
-        matrix_aspect=(1.0, 1.0),
-        snr=(10.0, 25.0),
-        bias_amplitude=0.40,
-        blood_to_myocardium=(2.0, 3.0),
-        edge_mm=(1.4, 2.2),
-        max_value=(200.0, 800.0),
-        float_fraction=0.5,
-        field_3t_fraction=0.0,
-    ),
-    "canon": VendorProfile(
-        name="canon",
-        spacing_mm=(1.05, 1.30),
-        matrix=(192, 208),
-        matrix_aspect=(1.0, 1.0),
-        snr=(15.0, 30.0),
-        bias_amplitude=0.25,
-        blood_to_myocardium=(2.5, 3.5),
-        edge_mm=(0.7, 1.0),
-        max_value=(800.0, 2500.0),
-        float_fraction=0.0,
-        field_3t_fraction=0.0,
-    ),
+    profile.name: profile
+    for profile in (
+        VendorProfile(
+            name="siemens",
+            spacing_mm=(1.30, 1.90),
+            matrix=(154, 200),
+            matrix_aspect=(1.0, 1.19),
+            snr=(20.0, 40.0),
+            bias_amplitude=0.20,
+            blood_to_myocardium=(3.0, 4.0),
+            edge_mm=(0.4, 0.7),
+            max_value=(500.0, 1500.0),
+            field_3t_fraction=0.4,
+        ),
+        VendorProfile(
+            name="philips",
+            spacing_mm=(1.15, 1.35),
+            matrix=(192, 208),
+            snr=(15.0, 30.0),
+            bias_amplitude=0.30,
+            blood_to_myocardium=(2.5, 3.5),
+            edge_mm=(1.0, 1.4),
+            max_value=(1000.0, 4000.0),
+        ),
+        VendorProfile(
+            name="ge",
+            spacing_mm=(1.30, 1.45),
+            matrix=(176, 200),
+            snr=(10.0, 25.0),
+            bias_amplitude=0.40,
+            blood_to_myocardium=(2.0, 3.0),
+            edge_mm=(1.4, 2.2),
+            max_value=(200.0, 800.0),
+            float_fraction=0.5,
+        ),
+        VendorProfile(
+            name="canon",
+            spacing_mm=(1.05, 1.30),
+            matrix=(192, 208),
+            snr=(15.0, 30.0),
+            bias_amplitude=0.25,
+            blood_to_myocardium=(2.5, 3.5),
+            edge_mm=(0.7, 1.0),
+            max_value=(800.0, 2500.0),
+        ),
+    )
 }
 
 # Share of each vendor's subjects per dataset (open-data sizes: ACDC 150, M&Ms-1 A 95 / B 125 / C 75 / D 50,

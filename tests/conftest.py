@@ -1,11 +1,14 @@
-"""Shared fixtures: a tiny synthetic raw cohort and its prepared root (built once per test session)."""
+"""Shared fixtures: one torch thread, the CineMA fixture folder, a tiny synthetic cohort and its prepared root."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep.prepare import run_prepare
 from data_prep.preprocess import Geometry
@@ -13,6 +16,32 @@ from data_prep.synthesize import synthesize
 
 SUBJECTS_PER_VENDOR = 6
 TEST_GEOMETRY = Geometry(crop=(64, 64), spacing=(2.0, 2.0, 10.0), depth=8)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: the CPU is shared, and oversubscribed OpenMP threads slow these small ops several-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cinema_fixtures() -> Path:
+    """The CineMA fixture folder: $MED_DUALLORA_CINEMA_FIXTURES, tests/fixtures/cinema or ../shared/fixtures/cinema."""
+    repo = Path(__file__).resolve().parents[1]
+    env = os.environ.get("MED_DUALLORA_CINEMA_FIXTURES")
+    candidates = [Path(env)] if env else []
+    candidates += [
+        repo / "tests" / "fixtures" / "cinema",
+        repo / "shared" / "fixtures" / "cinema",
+        repo.parent / "shared" / "fixtures" / "cinema",
+    ]
+    for candidate in candidates:
+        if (candidate / "README.md").is_file():
+            return candidate
+    pytest.fail(f"CineMA fixtures not found in {[str(c) for c in candidates]}")
 
 
 @pytest.fixture(scope="session")

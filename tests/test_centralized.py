@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from app.centralized import run
 
@@ -66,15 +65,6 @@ def write_prepared_root(root: Path, seed: int = 0) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared, and oversubscribed OpenMP threads slow these small ops several-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,8 @@ from models.config import ConvViTConfig
 from models.convvit import ConvViT, PrefixFeatures
 from models.pos_embed import sincos_pos_embed
 
-torch.set_num_threads(1)
 BASE_PARAMETERS = 87_724_740  # learnable; + the fixed 1,769,472-value pos_embed = CineMA's 89,494,212
 BASE_POS_EMBED = 12 * 12 * 16 * 768
-
-
-def cinema_fixture_dir() -> Path:
-    """The CineMA fixture folder: $MED_DUALLORA_CINEMA_FIXTURES, tests/fixtures/cinema or ../shared/fixtures/cinema."""
-    repo = Path(__file__).resolve().parents[1]
-    env = os.environ.get("MED_DUALLORA_CINEMA_FIXTURES")
-    candidates = [Path(env)] if env else []
-    candidates += [
-        repo / "tests" / "fixtures" / "cinema",
-        repo / "shared/fixtures/cinema",
-        repo.parent / "shared/fixtures/cinema",
-    ]
-    for candidate in candidates:
-        if (candidate / "README.md").is_file():
-            return candidate
-    pytest.fail(f"CineMA fixtures not found in {[str(c) for c in candidates]}")
 
 
 def micro(**overrides: object) -> ConvViTConfig:
@@ -46,8 +28,8 @@ def random_input(config: ConvViTConfig, batch: int = 2, seed: int = 0) -> torch.
     return torch.rand(batch, config.input_chans, *config.image_size, generator=generator)
 
 
-def test_base_state_dict_equals_cinema_manifest() -> None:
-    manifest = json.loads((cinema_fixture_dir() / "keys/convvit_base_sax_2frames_2classes.keys.json").read_text())
+def test_base_state_dict_equals_cinema_manifest(cinema_fixtures: Path) -> None:
+    manifest = json.loads((cinema_fixtures / "keys/convvit_base_sax_2frames_2classes.keys.json").read_text())
     with torch.device("meta"):
         model = ConvViT(ConvViTConfig.preset("base"))
     state = model.state_dict()
@@ -98,8 +80,8 @@ def test_preset_overrides_and_errors() -> None:
         ConvViTConfig.preset("micro", n_heads=3)
 
 
-def test_from_cinema_yaml_reads_fixture_config() -> None:
-    path = cinema_fixture_dir() / "finetuned_tiny/config.yaml"
+def test_from_cinema_yaml_reads_fixture_config(cinema_fixtures: Path) -> None:
+    path = cinema_fixtures / "finetuned_tiny/config.yaml"
     config = ConvViTConfig.from_cinema_yaml(path)
     assert (config.embed_dim, config.depth, config.n_heads) == (16, 1, 2)
     assert config.image_size == (64, 64, 8) and config.conv_chans == (8, 16)
@@ -108,17 +90,21 @@ def test_from_cinema_yaml_reads_fixture_config() -> None:
     assert ConvViTConfig.from_cinema_yaml(path, n_classes=5).n_classes == 5
 
 
-def test_from_cinema_yaml_accepts_cpu_preset_sizes(tmp_path: Path) -> None:
-    source = (cinema_fixture_dir() / "finetuned_tiny/config.yaml").read_text()
+def test_from_cinema_yaml_accepts_cpu_preset_sizes(tmp_path: Path, cinema_fixtures: Path) -> None:
+    source = (cinema_fixtures / "finetuned_tiny/config.yaml").read_text()
     micro = tmp_path / "micro.yaml"
     micro.write_text(source.replace("size: tiny", "size: micro"))
     config = ConvViTConfig.from_cinema_yaml(micro)
     reference = ConvViTConfig.preset("micro")
-    assert (config.embed_dim, config.depth, config.n_heads) == (reference.embed_dim, reference.depth, reference.n_heads)
+    assert (config.embed_dim, config.depth, config.n_heads) == (
+        reference.embed_dim,
+        reference.depth,
+        reference.n_heads,
+    )
 
 
-def test_from_cinema_yaml_names_file_and_field(tmp_path: Path) -> None:
-    source = (cinema_fixture_dir() / "finetuned_tiny/config.yaml").read_text()
+def test_from_cinema_yaml_names_file_and_field(tmp_path: Path, cinema_fixtures: Path) -> None:
+    source = (cinema_fixtures / "finetuned_tiny/config.yaml").read_text()
     no_size = tmp_path / "no_size.yaml"
     no_size.write_text(source.replace("    size: tiny\n", ""))
     with pytest.raises(ValueError, match=rf"{no_size}.*model\.convvit\.size"):

@@ -25,15 +25,6 @@ from models.policy import POLICY_NAMES, get_policy
 CONFIG = ConvViTConfig.preset("micro")  # depth 4: the default adapted blocks are 2 and 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared, and oversubscribed OpenMP threads slow these small ops several-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_backbone(seed: int = 0) -> ConvViT:
     torch.manual_seed(seed)
     return ConvViT(CONFIG)

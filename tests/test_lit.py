@@ -20,15 +20,6 @@ from models.prefix_cache import PrefixCache, run_frozen_prefix
 CONFIG = ConvViTConfig.preset("micro")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared, and oversubscribed OpenMP threads slow these small ops several-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_module(**kwargs) -> DualLoRAClassifier:
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -17,30 +16,13 @@ from models.convvit import ConvViT
 from models.loading import load_cinema, save_cinema
 from models.pos_embed import sincos_pos_embed
 
-torch.set_num_threads(1)
 FIRST_CONV = "enc_down_dict.sax.conv_blocks.0.patch_embed.conv.weight"
 POS_EMBED = "enc_down_dict.sax.pos_embed"
 
 
-def cinema_fixture_dir() -> Path:
-    """The CineMA fixture folder: $MED_DUALLORA_CINEMA_FIXTURES, tests/fixtures/cinema or ../shared/fixtures/cinema."""
-    repo = Path(__file__).resolve().parents[1]
-    env = os.environ.get("MED_DUALLORA_CINEMA_FIXTURES")
-    candidates = [Path(env)] if env else []
-    candidates += [
-        repo / "tests/fixtures/cinema",
-        repo / "shared/fixtures/cinema",
-        repo.parent / "shared/fixtures/cinema",
-    ]
-    for candidate in candidates:
-        if (candidate / "README.md").is_file():
-            return candidate
-    pytest.fail(f"CineMA fixtures not found in {[str(c) for c in candidates]}")
-
-
 @pytest.fixture(scope="module")
-def tiny_dir() -> Path:
-    return cinema_fixture_dir() / "finetuned_tiny"
+def tiny_dir(cinema_fixtures: Path) -> Path:
+    return cinema_fixtures / "finetuned_tiny"
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,41 +14,24 @@ from models.convvit import ConvViT
 from models.loading import load_cinema, save_cinema
 
 
+def _synthesize_and_prepare(root: Path, seed: int) -> None:
+    """A real (tiny) synthetic cohort in root/raw, prepared at 32x32x4 into root/prepared by the data_prep CLIs."""
+    run = [sys.executable, "-m"]
+    subprocess.run(
+        [*run, "data_prep.synthesize", "--out", str(root / "raw"), "--seed", str(seed), "--subjects-per-vendor", "2"],
+        check=True,
+        capture_output=True,
+    )
+    prepare = ["--raw", str(root / "raw"), "--out", str(root / "prepared"), "--seed", str(seed), "--workers", "1"]
+    geometry = ["--crop", "32", "32", "--depth", "4", "--spacing", "6", "6", "10"]
+    subprocess.run([*run, "data_prep.prepare", *prepare, *geometry], check=True, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def prepared_cohort(tmp_path_factory):
     """A real (tiny) synthetic cohort through the real data_prep CLIs."""
     root = tmp_path_factory.mktemp("cohort")
-    run = [sys.executable, "-m"]
-    subprocess.run(
-        [*run, "data_prep.synthesize", "--out", str(root / "raw"), "--seed", "0", "--subjects-per-vendor", "2"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *run,
-            "data_prep.prepare",
-            "--raw",
-            str(root / "raw"),
-            "--out",
-            str(root / "prepared"),
-            "--seed",
-            "0",
-            "--workers",
-            "1",
-            "--crop",
-            "32",
-            "32",
-            "--depth",
-            "4",
-            "--spacing",
-            "6",
-            "6",
-            "10",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    _synthesize_and_prepare(root, seed=0)
     return root / "prepared"
 
 
@@ -64,37 +48,7 @@ def test_same_cohort_is_refused_by_id_then_by_content(prepared_cohort, tmp_path)
 
 def test_cohort_from_another_seed_is_disjoint(prepared_cohort, tmp_path):
     other = tmp_path / "other"
-    run = [sys.executable, "-m"]
-    subprocess.run(
-        [*run, "data_prep.synthesize", "--out", str(other / "raw"), "--seed", "1000", "--subjects-per-vendor", "2"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *run,
-            "data_prep.prepare",
-            "--raw",
-            str(other / "raw"),
-            "--out",
-            str(other / "prepared"),
-            "--seed",
-            "1000",
-            "--workers",
-            "1",
-            "--crop",
-            "32",
-            "32",
-            "--depth",
-            "4",
-            "--spacing",
-            "6",
-            "6",
-            "10",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    _synthesize_and_prepare(other, seed=1000)
     namespace_subject_ids(other / "prepared", "pretrain1000_")
     assert assert_disjoint(other / "prepared", [prepared_cohort]) == {
         "pretraining_subjects": 8,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from data_prep.readers.common import check_ed_es, parse_int
+from data_prep.readers.common import check_ed_es, label_if_present, parse_int
 from data_prep.records import ACDC_LABEL_MAP, FrameRef, InputError, LabelRule, SubjectRecord
 
 PATIENT_DIR = re.compile(r"patient\d{3}")
@@ -54,8 +54,7 @@ def read_patient(info_path: Path, rule: LabelRule) -> SubjectRecord:
         return FrameRef(folder / f"{pid}_4d.nii.gz", number - 1, frame_field=f"field {name} of {info_path}")
 
     def label_ref(number: int) -> FrameRef | None:
-        gt_file = folder / f"{pid}_frame{number:02d}_gt.nii.gz"
-        return FrameRef(gt_file, label_map=ACDC_LABEL_MAP) if gt_file.is_file() else None
+        return label_if_present(folder / f"{pid}_frame{number:02d}_gt.nii.gz", ACDC_LABEL_MAP)
 
     return SubjectRecord(
         pid=pid,

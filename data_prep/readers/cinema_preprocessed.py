@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from data_prep.readers import mnms, mnms2
-from data_prep.readers.common import read_csv, under
+from data_prep.readers.common import label_if_present, read_csv, under
 from data_prep.records import MNMS_VENDOR_LETTERS, FrameRef, InputError, LabelRule, SubjectRecord, vendor_from_name
 
 SUBJECT_IMAGE = re.compile(r"(.+)_sax_ed\.nii\.gz")
@@ -56,8 +56,8 @@ def _record(csv_path: Path, row: dict[str, str], ed_image: Path, rule: LabelRule
         label=label,
         ed_image=FrameRef(ed_image),
         es_image=FrameRef(folder / f"{pid}_sax_es.nii.gz"),
-        ed_label=FrameRef(ed_gt) if ed_gt.is_file() else None,
-        es_label=FrameRef(es_gt) if es_gt.is_file() else None,
+        ed_label=label_if_present(ed_gt),
+        es_label=label_if_present(es_gt),
         layout="cinema",
         source=folder,
     )

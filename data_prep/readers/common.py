@@ -1,12 +1,16 @@
-"""Helpers shared by the readers: recursive file listing, CSV reading by column name, integer field parsing."""
+"""Helpers shared by the readers: file listing, CSV reading by column name, field parsing, per-root matching."""
 
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from data_prep.records import InputError
+from data_prep.records import FrameRef, InputError, SubjectRecord
+
+RootReader = Callable[[Path, list[Path]], tuple[list[SubjectRecord], list[InputError]]]
+"""Reads the subjects of one root: (its metadata CSV, the subject images below it) -> (records, problems)."""
 
 
 def list_files(root: Path) -> list[Path]:
@@ -63,3 +67,32 @@ def check_ed_es(path: Path, ed: int, es: int, field: str) -> None:
 def under(path: Path, root: Path) -> bool:
     """True when `path` lies inside folder `root`."""
     return path.is_relative_to(root)
+
+
+def label_if_present(path: Path, label_map: Mapping[int, int] | None = None) -> FrameRef | None:
+    """A reference to the label file `path` when it exists (labels are optional), else None."""
+    return FrameRef(path, label_map=label_map) if path.is_file() else None
+
+
+def find_per_root(
+    images: list[Path], csv_paths: Iterable[Path], read_root: RootReader, orphan_reason: str
+) -> tuple[list[SubjectRecord], list[InputError]]:
+    """Read each metadata CSV with the images below its folder; images below no CSV are reported as `orphan_reason`.
+
+    A root whose CSV is unusable is reported as one problem and the other roots are still read.
+    """
+    records: list[SubjectRecord] = []
+    problems: list[InputError] = []
+    claimed: set[Path] = set()
+    for csv_path in csv_paths:
+        root_images = [image for image in images if under(image, csv_path.parent)]
+        claimed.update(root_images)
+        try:
+            found, issues = read_root(csv_path, root_images)
+        except InputError as error:
+            problems.append(error)
+            continue
+        records.extend(found)
+        problems.extend(issues)
+    problems.extend(InputError(image, orphan_reason) for image in images if image not in claimed)
+    return records, problems

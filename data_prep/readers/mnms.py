@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from data_prep.readers.common import check_ed_es, parse_int, read_csv, require_columns, under
+from data_prep.readers.common import check_ed_es, find_per_root, parse_int, read_csv, require_columns
 from data_prep.records import (
     MNMS_LABEL_MAP,
     MNMS_VENDOR_LETTERS,
@@ -113,22 +113,9 @@ def _read_root(csv_path: Path, images: list[Path], rule: LabelRule) -> tuple[lis
 def find(files: list[Path], rule: LabelRule) -> tuple[list[SubjectRecord], list[InputError]]:
     """All M&Ms-1 subjects among `files`, plus problems."""
     images = [p for p in files if (m := SUBJECT_IMAGE.fullmatch(p.name)) and m.group(1) == p.parent.name]
-    records: list[SubjectRecord] = []
-    problems: list[InputError] = []
-    claimed: set[Path] = set()
-    for csv_path in metadata_csvs(files):
-        root_images = [image for image in images if under(image, csv_path.parent)]
-        claimed.update(root_images)
-        try:
-            found, issues = _read_root(csv_path, root_images, rule)
-        except InputError as error:
-            problems.append(error)
-            continue
-        records.extend(found)
-        problems.extend(issues)
-    problems.extend(
-        InputError(image, "image without a CSV row: no *M&Ms_Dataset_*.csv found above it")
-        for image in images
-        if image not in claimed
+    return find_per_root(
+        images,
+        metadata_csvs(files),
+        lambda csv_path, root_images: _read_root(csv_path, root_images, rule),
+        "image without a CSV row: no *M&Ms_Dataset_*.csv found above it",
     )
-    return records, problems

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from data_prep.readers.common import parse_int, read_csv, require_columns, under
+from data_prep.readers.common import find_per_root, label_if_present, parse_int, read_csv, require_columns
 from data_prep.records import MNMS_LABEL_MAP, FrameRef, InputError, LabelRule, SubjectRecord, vendor_from_name
 
 CSV_NAME = "dataset_information.csv"
@@ -22,8 +22,7 @@ def _record(csv_path: Path, row: dict[str, str], pid: str, ed_image: Path, rule:
     folder = ed_image.parent
 
     def label_ref(phase: str) -> FrameRef | None:
-        gt = folder / f"{pid}_SA_{phase}_gt.nii.gz"
-        return FrameRef(gt, label_map=MNMS_LABEL_MAP) if gt.is_file() else None
+        return label_if_present(folder / f"{pid}_SA_{phase}_gt.nii.gz", MNMS_LABEL_MAP)
 
     return SubjectRecord(
         pid=pid,
@@ -70,22 +69,9 @@ def _read_root(csv_path: Path, images: list[Path], rule: LabelRule) -> tuple[lis
 def find(files: list[Path], rule: LabelRule) -> tuple[list[SubjectRecord], list[InputError]]:
     """All M&Ms-2 subjects among `files`, plus problems."""
     images = [p for p in files if (m := SUBJECT_IMAGE.fullmatch(p.name)) and m.group(1) == p.parent.name]
-    records: list[SubjectRecord] = []
-    problems: list[InputError] = []
-    claimed: set[Path] = set()
-    for csv_path in sorted(p for p in files if p.name.lower() == CSV_NAME):
-        root_images = [image for image in images if under(image, csv_path.parent)]
-        claimed.update(root_images)
-        try:
-            found, issues = _read_root(csv_path, root_images, rule)
-        except InputError as error:
-            problems.append(error)
-            continue
-        records.extend(found)
-        problems.extend(issues)
-    problems.extend(
-        InputError(image, f"image without a CSV row: no {CSV_NAME} found above it")
-        for image in images
-        if image not in claimed
+    return find_per_root(
+        images,
+        sorted(p for p in files if p.name.lower() == CSV_NAME),
+        lambda csv_path, root_images: _read_root(csv_path, root_images, rule),
+        f"image without a CSV row: no {CSV_NAME} found above it",
     )
-    return records, problems

@@ -22,20 +22,6 @@ from models.convvit import ConvViT
 from models.dual_lora.config import DualLoRAConfig
 from models.policy import SharingPolicy, canonical_key, get_policy
 
-__all__ = [
-    "HEADS_FILE",
-    "activate_adapters",
-    "adapters_active",
-    "add_adapters",
-    "apply_trainable",
-    "backbone_of",
-    "build_policy",
-    "first_trained_block",
-    "init_adapter",
-    "load_site_adapters",
-    "save_site_adapters",
-]
-
 HEADS_FILE = "heads.safetensors"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ADAPTER_CONFIG = "adapter_config.json"

@@ -1,0 +1,38 @@
+"""Cohort steps shared by the benchmark and pretraining CLIs: run a data_prep module, prepare a split once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def run_module(arguments: Sequence[str], log: Callable[[str], None]) -> None:
+    """Run `python -m <arguments>` with this interpreter, logging the command line first; failures raise."""
+    command = [sys.executable, "-m", *arguments]
+    log("+ " + " ".join(command))
+    subprocess.run(command, check=True)
+
+
+def prepare_split(
+    raw_dir: Path, prepared: Path, seed: int, options: Sequence[str], log: Callable[[str], None]
+) -> Path:
+    """The prepared root of one seed's split (manifest.csv, written last by data_prep.prepare, marks it finished)."""
+    if not (prepared / "manifest.csv").exists():
+        run_module(
+            [
+                "data_prep.prepare",
+                "--raw",
+                str(raw_dir),
+                "--out",
+                str(prepared),
+                "--seed",
+                str(seed),
+                "--workers",
+                "1",
+                *options,
+            ],
+            log,
+        )
+    return prepared
