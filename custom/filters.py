@@ -1,0 +1,76 @@
+"""Client result filter: only the keys a sharing policy shares may leave a site (allowlist, fail closed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from models.policy import get_policy
+
+WEIGHT_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
+_SCALAR_TYPES = (bool, int, float, str, type(None))
+
+
+class LeakError(RuntimeError):
+    """Raised instead of sending a result that cannot be made safe."""
+
+
+class SharedKeysOnly(DXOFilter):
+    """Keeps only the state-dict keys `policy.is_shared` allows; strips local adapters, frozen weights, unknown keys.
+
+    Declare it by exact task name (`train`, plus `validate` / `submit_model` when those tasks run): NVFlare never
+    applies a filter declared with `["*"]`. Metrics results keep only plain scalar values, and any array or
+    tensor found in the metadata is dropped, so no weight can ride along outside the parameter dict. A weight
+    result that would leave the site without a single shared key raises, so the run fails loudly rather than
+    sending an empty update.
+    """
+
+    def __init__(self, policy: str, share_head: bool | None = None, full_blocks: list[int] | None = None):
+        super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
+        self.policy = policy
+        self.share_head = share_head
+        self.full_blocks = full_blocks
+        self._sharing = get_policy(policy, share_head=share_head, full_blocks=full_blocks)
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if shareable.get_return_code() != ReturnCode.OK:
+            return shareable
+        try:
+            from_shareable(shareable)
+        except Exception as error:
+            raise LeakError(f"{self.policy}: a result that is not a DXO cannot be checked; not sending it") from error
+        return super().process(shareable, fl_ctx)
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        meta = _without_arrays(dxo.meta)
+        if dxo.data_kind in WEIGHT_KINDS:
+            data = self.keep_shared(dxo.data, fl_ctx)
+        else:
+            data = {key: value for key, value in dxo.data.items() if isinstance(value, _SCALAR_TYPES)}
+            if len(data) != len(dxo.data):
+                self.log_warning(fl_ctx, f"stripped {len(dxo.data) - len(data)} non-scalar {dxo.data_kind} entries")
+        return DXO(data_kind=dxo.data_kind, data=data, meta=meta)
+
+    def keep_shared(self, params: dict[str, Any], fl_ctx: FLContext | None = None) -> dict[str, Any]:
+        """The shared entries of `params`; raises if the policy shares something but none of it is present."""
+        kept = {key: value for key, value in params.items() if self._sharing.is_shared(key)}
+        stripped = len(params) - len(kept)
+        if not kept and self._sharing.shared_parts:
+            raise LeakError(f"{self.policy}: none of the {len(params)} keys is shared; not sending an empty update")
+        if fl_ctx is not None:
+            self.log_info(fl_ctx, f"{self.policy}: kept {len(kept)} shared keys, stripped {stripped}")
+        return kept
+
+
+def _without_arrays(value: Any) -> Any:
+    """A copy of a metadata tree without tensors or arrays (anything with a shape)."""
+    if isinstance(value, dict):
+        return {key: _without_arrays(item) for key, item in value.items() if not hasattr(item, "shape")}
+    if isinstance(value, list | tuple):
+        return [_without_arrays(item) for item in value if not hasattr(item, "shape")]
+    return value

@@ -1,0 +1,178 @@
+"""Run a job on an NVFlare POC network bound to loopback: provision, start, submit, wait, download, stop.
+
+    MED_DUALLORA_DATA=PREPARED python jobs/poc.py --job jobs/med_duallora --workspace runs/poc
+
+Everything stays inside the workspace: the provisioned kits, `HOME` (NVFlare writes its CLI config there), the
+site workspaces and the downloaded results. The server is provisioned as `127.0.0.1` on a free non-default port,
+so nothing listens on other interfaces. Every process the network started is stopped on the way out, also when
+a step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from jobs.recipe import SITES
+
+PROJECT_NAME = "med_duallora_poc"
+SERVER_HOST = "127.0.0.1"
+ADMIN = "admin@nvidia.com"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind((SERVER_HOST, 0))
+        return probe.getsockname()[1]
+
+
+def loopback_project(sites: Sequence[str], port: int) -> dict:
+    """A project.yml whose server is 127.0.0.1 (bound to loopback) on `port`; admin traffic shares the port."""
+    participants = [{"name": SERVER_HOST, "type": "server", "org": "poc", "fed_learn_port": port}]
+    participants += [{"name": site, "type": "client", "org": "poc"} for site in sites]
+    participants.append({"name": ADMIN, "type": "admin", "org": "poc", "role": "project_admin"})
+    impl = "nvflare.lighter.impl"
+    builders = [
+        {"path": f"{impl}.workspace.WorkspaceBuilder", "args": {"template_file": ["master_template.yml"]}},
+        {"path": f"{impl}.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
+        {"path": f"{impl}.cert.CertBuilder"},
+        {"path": f"{impl}.signature.SignatureBuilder"},
+    ]
+    return {
+        "api_version": 3,
+        "name": PROJECT_NAME,
+        "description": "med-duallora POC on loopback",
+        "participants": participants,
+        "builders": builders,
+    }
+
+
+class PocNetwork:
+    """A POC network in `workspace`, used as a context manager that always stops what it started."""
+
+    def __init__(self, workspace: str | Path, sites: Sequence[str] = SITES, port: int | None = None, env=None):
+        self.workspace = Path(workspace).resolve()
+        self.sites = list(sites)
+        self.port = port or free_port()
+        self.poc_dir = self.workspace / "poc"
+        self.prod_dir = self.poc_dir / PROJECT_NAME / "prod_00"
+        home = self.workspace / "home"
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {**os.environ, **(env or {}), "HOME": str(home), "NVFLARE_POC_WORKSPACE": str(self.poc_dir)}
+        self.env["PATH"] = f"{venv_bin}{os.pathsep}{self.env.get('PATH', '')}"
+
+    def __enter__(self) -> PocNetwork:
+        (self.workspace / "home").mkdir(parents=True, exist_ok=True)
+        project_file = self.workspace / "project.yml"
+        project_file.write_text(yaml.safe_dump(loopback_project(self.sites, self.port), sort_keys=False))
+        self._nvflare("poc", "prepare", "-i", str(project_file), "--force")
+        try:
+            self._nvflare("poc", "start", timeout=300)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def submit(self, job_dir: str | Path) -> str:
+        return self._json("job", "submit", "-j", str(Path(job_dir).resolve()))["job_id"]
+
+    def wait(self, job_id: str, timeout: int) -> str:
+        """The job's final status (`FINISHED:COMPLETED` when it ran through)."""
+        return self._json("job", "wait", job_id, "--timeout", str(timeout), timeout=timeout + 60)["status"]
+
+    def download(self, job_id: str) -> Path:
+        """The server's run folder of the job, downloaded to `<workspace>/results/<job_id>/workspace`."""
+        path = self._json("job", "download", job_id, "-o", str(self.workspace / "results"))["path"]
+        return Path(path) / "workspace"
+
+    def site_run_dir(self, site: str, job_id: str) -> Path:
+        return self.prod_dir / site / job_id
+
+    def stop(self) -> None:
+        """Ask the network to shut down, then end, by pid, every process still running from this workspace."""
+        try:
+            self._nvflare("poc", "stop", timeout=120)
+        except (subprocess.SubprocessError, OSError) as error:
+            print(f"poc stop failed ({error}); ending the processes directly", file=sys.stderr)
+        deadline = time.monotonic() + 30
+        while self.running_pids() and time.monotonic() < deadline:
+            time.sleep(1)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.running_pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+
+    def running_pids(self) -> list[int]:
+        """Processes whose command line names this POC workspace (start scripts, server, clients, jobs)."""
+        marker = str(self.poc_dir).encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if marker in (entry / "cmdline").read_bytes():
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        return pids
+
+    def _nvflare(self, *args: str, timeout: int = 600) -> str:
+        command = ["nvflare", *args]
+        done = subprocess.run(
+            command, env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def _json(self, *args: str, timeout: int = 600) -> dict:
+        output = self._nvflare("--format", "json", *args, timeout=timeout)
+        reply = json.loads(output.strip().splitlines()[-1])
+        if reply.get("status") != "ok":
+            raise RuntimeError(f"nvflare {' '.join(args)}: {reply}")
+        return reply["data"]
+
+
+def run_job(job_dir: str | Path, workspace: str | Path, data_root: str, timeout: int = 900, port=None) -> dict:
+    """Run one job on a fresh loopback POC network; returns the job id, status and result folders."""
+    with PocNetwork(workspace, port=port, env={"MED_DUALLORA_DATA": str(Path(data_root).resolve())}) as network:
+        job_id = network.submit(job_dir)
+        status = network.wait(job_id, timeout)
+        server_dir = network.download(job_id)
+        sites = {site: str(network.site_run_dir(site, job_id)) for site in network.sites}
+    return {"job_id": job_id, "status": status, "server": str(server_dir), "sites": sites, "port": network.port}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", default="jobs/med_duallora", help="exported job folder")
+    parser.add_argument("--workspace", default="runs/poc", help="everything the POC run writes goes here")
+    parser.add_argument("--data", default=os.environ.get("MED_DUALLORA_DATA"), help="prepared data root")
+    parser.add_argument("--port", type=int, default=None, help="server port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds to wait for the job")
+    args = parser.parse_args(argv)
+    if not args.data:
+        parser.error("give --data or set MED_DUALLORA_DATA to a prepared data root")
+    result = run_job(args.job, args.workspace, args.data, args.timeout, args.port)
+    print(json.dumps(result, indent=2))
+    return 0 if result["status"] == "FINISHED:COMPLETED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

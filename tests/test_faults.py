@@ -1,0 +1,64 @@
+"""Faults: a site dying in the middle of a round does not stop the federation (restart: test_simulator.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from custom.site_state import STATE_ENV
+from jobs.recipe import SITES, FederationConfig, export_job
+from jobs.simulate import SimulatorRun, run_simulator
+
+pytestmark = pytest.mark.slow
+
+DYING_SITE = "ge"
+
+# The real site script, patched so that `ge` crashes in the middle of round 1 (after its first training batch).
+DYING_CLIENT = f"""
+import lightning.pytorch as pl
+import nvflare.client as flare
+from nvflare.app_opt.lightning.api import FLCallback
+
+import app.client as client
+
+
+class DieMidRound(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        fl_round = next(cb for cb in trainer.callbacks if isinstance(cb, FLCallback)).current_round
+        if flare.get_site_name() == {DYING_SITE!r} and fl_round == 1:
+            raise RuntimeError("fault injection: {DYING_SITE} dies in the middle of round 1")
+
+
+_make_trainer = client.make_trainer
+client.make_trainer = lambda args, root, callbacks: _make_trainer(args, root, [*callbacks, DieMidRound()])
+client.main()
+"""
+
+
+def _run(root: Path, prepared_root: Path, job_dir: Path, state_root: Path) -> SimulatorRun:
+    env = {"MED_DUALLORA_DATA": str(prepared_root), STATE_ENV: str(state_root)}
+    return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
+
+
+@pytest.fixture(scope="module")
+def run_with_dying_site(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
+    root = tmp_path_factory.mktemp("dying")
+    script = root / "dying_client.py"
+    script.write_text(DYING_CLIENT)
+    config = FederationConfig(rounds=2, local_epochs=1, min_clients=3)
+    return _run(root, prepared_root, export_job(config, root / "jobs", train_script=str(script)), root / "state")
+
+
+def test_a_site_dying_mid_round_does_not_stop_the_federation(run_with_dying_site):
+    run = run_with_dying_site
+    log = run.log()
+    assert "Finished FedAvg." in log and run.global_model_path.is_file()
+    assert re.search(r"round 1: aggregated \d+ shared keys from 3 sites", log)
+    assert f"round 1: no result from {DYING_SITE}" in log
+    up = run.comm_records("up")
+    assert sorted(r["site"] for r in up if r["round"] == 1) == sorted(set(SITES) - {DYING_SITE})
+    assert "fault injection" in run.log(DYING_SITE)
+    for site in set(SITES) - {DYING_SITE}:
+        assert run.test_metrics_path(site).is_file()

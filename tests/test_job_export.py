@@ -1,0 +1,125 @@
+"""The exported job folders: the committed one is fresh, filters are declared by task name, nothing is baked in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.job import config_from_args, parse_args
+from jobs.recipe import INITIAL_CHECKPOINT, PACKAGES, REPO, SITES, FederationConfig, export_job, site_policy
+
+COMMITTED = REPO / "jobs" / "med_duallora"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _configs(job: Path) -> tuple[dict, dict]:
+    config_dir = job / "app" / "config"
+    client = json.loads((config_dir / "config_fed_client.json").read_text())
+    server = json.loads((config_dir / "config_fed_server.json").read_text())
+    return client, server
+
+
+@pytest.fixture(scope="module")
+def fresh_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_job(FederationConfig(), tmp_path_factory.mktemp("export"))
+
+
+def test_committed_job_equals_a_fresh_export(fresh_export):
+    committed, fresh = _files(COMMITTED), _files(fresh_export)
+    assert sorted(committed) == sorted(fresh), "file sets differ: run `python jobs/job.py export`"
+    stale = [name for name in fresh if committed[name] != fresh[name]]
+    assert not stale, f"stale files {stale}: run `python jobs/job.py export`"
+
+
+def test_export_from_the_command_line_is_byte_identical(fresh_export, tmp_path):
+    subprocess.run([sys.executable, str(REPO / "jobs" / "job.py"), "export", "--out", str(tmp_path)], check=True)
+    assert _files(tmp_path / "med_duallora") == _files(fresh_export)
+
+
+def test_the_filter_is_declared_by_exact_task_names(fresh_export):
+    client, _ = _configs(fresh_export)
+    entries = client["task_result_filters"]
+    declared = {task: [f["path"] for f in entry["filters"]] for entry in entries for task in entry["tasks"]}
+    assert "*" not in declared
+    for task in ("train", "validate"):
+        assert declared.get(task) == ["custom.filters.SharedKeysOnly"], f"task {task} leaves unfiltered"
+
+
+def test_the_server_is_adapter_only_and_tolerates_a_missing_site(fresh_export):
+    _, server = _configs(fresh_export)
+    components = {c["id"]: c for c in server["components"]}
+    persistor = components["persistor"]["args"]
+    assert persistor["source_ckpt_file_full_name"] == INITIAL_CHECKPOINT
+    workflow = server["workflows"][0]
+    assert workflow["path"] == "custom.controller.ResilientFedAvg"
+    assert workflow["args"]["aggregator"]["path"] == "custom.aggregators.SharedKeyAggregator"
+    assert workflow["args"]["min_responses"] == FederationConfig.min_clients < 4
+    checkpoint = torch.load(fresh_export / "app" / "custom" / INITIAL_CHECKPOINT, weights_only=True)
+    policy = site_policy(FederationConfig())
+    assert checkpoint and all(policy.is_shared(key) for key in checkpoint)
+
+
+def test_the_job_is_small_and_bakes_in_no_path(fresh_export):
+    files = _files(fresh_export)
+    assert sum(len(data) for data in files.values()) < 100_000
+    custom = sorted(name for name in files if name.startswith("app/custom/"))
+    assert custom == ["app/custom/ckpt/init_global_adapters.pt", "app/custom/client.py"]
+    text = "".join(data.decode() for name, data in files.items() if name.endswith(".json"))
+    for fragment in (str(REPO), "/tmp", "/home", "MED_DUALLORA_DATA", "prepared"):
+        assert fragment not in text
+    meta = json.loads(files["meta.json"])
+    assert meta["resource_spec"] == {} and meta["deploy_map"] == {"app": ["@ALL"]}
+
+
+def test_byoc_ships_our_packages(tmp_path):
+    job = export_job(FederationConfig(), tmp_path, byoc=True)
+    for package in PACKAGES:
+        assert (job / "app" / "custom" / package / "__init__.py").is_file()
+    shipped = job / "app" / "custom" / "custom" / "filters.py"
+    assert shipped.read_bytes() == (REPO / "custom" / "filters.py").read_bytes()
+    assert not list(job.rglob("__pycache__"))
+
+
+def test_parameters_reach_the_job(tmp_path):
+    config = config_from_args(parse_args(["export", "--method", "fedsa_lora", "--rounds", "3", "--local-epochs", "4"]))
+    job = export_job(config, tmp_path)
+    client, server = _configs(job)
+    assert job.name == "fedsa_lora"
+    args = client["executors"][0]["executor"]["args"]["task_script_args"]
+    assert "--policy fedsa_lora" in args and "--local-epochs 4" in args
+    assert server["workflows"][0]["args"]["num_rounds"] == 3
+    filter_args = client["task_result_filters"][0]["filters"][0]["args"]
+    assert filter_args == {"policy": "fedsa_lora", "share_head": False}
+
+
+def test_the_real_configuration_is_cinema_base_with_site_weights(tmp_path):
+    config = config_from_args(parse_args(["export", "--real"]))
+    assert config.backbone == "base" and config.weights == "$MED_DUALLORA_WEIGHTS"
+    job = export_job(config, tmp_path)
+    client, _ = _configs(job)
+    args = client["executors"][0]["executor"]["args"]["task_script_args"]
+    assert "--backbone base" in args and "--weights '$MED_DUALLORA_WEIGHTS'" in args
+    checkpoint = torch.load(job / "app" / "custom" / INITIAL_CHECKPOINT, weights_only=True)
+    lora_a = [value for key, value in checkpoint.items() if ".lora_A.global." in key]
+    assert lora_a and all(value.shape[1] == 768 for value in lora_a)
+
+
+def test_the_production_project_provisions_the_server_four_sites_and_admins(tmp_path):
+    project = REPO / "jobs" / "production" / "project.yml"
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(["nvflare", "provision", "-p", str(project), "-w", str(tmp_path)], check=True, env=env)
+    prod = tmp_path / "med_duallora" / "prod_00"
+    kits = {path.name for path in prod.iterdir()}
+    assert set(SITES) <= kits
+    assert "admin@coordinator.example.org" in kits
+    servers = [name for name in kits - set(SITES) if "@" not in name]
+    assert len(servers) == 1 and (prod / servers[0] / "startup" / "start.sh").is_file()

@@ -1,0 +1,104 @@
+"""Privacy, checked on what the server actually received: no local key ever arrives, even when a site tries."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from app.client import build_module
+from custom.site_state import STATE_ENV
+from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state, site_arguments, site_policy
+from jobs.simulate import SimulatorRun, run_simulator
+
+pytestmark = pytest.mark.slow
+
+CONFIG = FederationConfig(rounds=2, local_epochs=1, min_clients=4)
+INJECTED = ("model.site_statistics.mean", "model.base_model.model.encoder.blocks.3.attn.q.lora_A.local_copy.weight")
+
+# The real site script, patched so that `philips` tries to send two extra private entries and a tensor in the
+# metadata on top of the whole state dict (local adapter included) that the Lightning callback already sends.
+LEAKY_CLIENT = f"""
+import torch
+import nvflare.app_opt.lightning.api as lightning_api
+import nvflare.client as flare
+from app.client import main
+
+_send = lightning_api.send
+
+
+def leaky_send(model, *args, **kwargs):
+    if flare.get_site_name() == "philips" and model.params:
+        for key in {INJECTED!r}:
+            model.params[key] = torch.ones(2, 2)
+        model.meta["smuggled"] = torch.ones(2)
+    return _send(model, *args, **kwargs)
+
+
+lightning_api.send = leaky_send
+main()
+"""
+
+
+def _run(root: Path, prepared_root: Path, job_dir: Path) -> SimulatorRun:
+    env = {"MED_DUALLORA_DATA": str(prepared_root), STATE_ENV: str(root / "site_state")}
+    return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
+
+
+@pytest.fixture(scope="module")
+def leaky_run(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
+    root = tmp_path_factory.mktemp("leaky")
+    script = root / "leaky_client.py"
+    script.write_text(LEAKY_CLIENT)
+    return _run(root, prepared_root, export_job(CONFIG, root / "jobs", train_script=str(script)))
+
+
+@pytest.fixture(scope="module")
+def unfiltered_run(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
+    """The normal job with the result filter taken out of its client config."""
+    root = tmp_path_factory.mktemp("unfiltered")
+    job_dir = export_job(CONFIG.replace(rounds=1), root / "jobs")
+    client_config = job_dir / "app" / "config" / "config_fed_client.json"
+    config = json.loads(client_config.read_text())
+    config["task_result_filters"] = []
+    client_config.write_text(json.dumps(config, indent=4))
+    return _run(root, prepared_root, job_dir)
+
+
+def test_not_one_local_key_reaches_the_server(leaky_run):
+    assert leaky_run.problems() == []
+    received = leaky_run.received_keys()
+    assert sorted((r["round"], r["site"]) for r in received) == sorted(
+        (r, s) for r in range(CONFIG.rounds) for s in SITES
+    )
+    shared = set(initial_global_state(CONFIG))
+    for record in received:
+        assert set(record["keys"]) == shared, f"{record['site']} round {record['round']}"
+        assert record["not_shared"] == []
+        assert not any(".local" in key or key in INJECTED for key in record["keys"])
+
+
+def test_the_filter_stripped_what_the_patched_site_added(leaky_run):
+    whole_state = build_module(site_arguments(CONFIG)).state_dict()
+    not_shared = len(whole_state) - len(initial_global_state(CONFIG))
+    for site in SITES:
+        counts = re.findall(r"kept (\d+) shared keys, stripped (\d+)", leaky_run.log(site))
+        assert len(counts) == CONFIG.rounds, f"{site}: the filter did not report on every round"
+        extra = len(INJECTED) if site == "philips" else 0
+        assert {int(stripped) for _, stripped in counts} == {not_shared + extra}
+
+
+def test_without_the_filter_the_server_rejects_and_the_run_reports_it(unfiltered_run):
+    log = unfiltered_run.log()
+    for site in SITES:
+        assert f"rejected the contribution of {site}" in log
+    assert "no acceptable contribution" in log
+    assert "Finished FedAvg." not in log
+    rejected = [r for r in unfiltered_run.received_keys() if r["not_shared"]]
+    assert {r["site"] for r in rejected} == set(SITES)
+    assert all(any(".local." in key for key in r["not_shared"]) for r in rejected)
+    if unfiltered_run.global_model_path.is_file():
+        policy = site_policy(CONFIG)
+        assert all(policy.is_shared(key) for key in unfiltered_run.global_model())
