@@ -24,10 +24,10 @@ from nvflare.client.lightning import patch as patch_trainer
 from nvflare.client.tracking import SummaryWriter
 
 from custom.aggregators import SAMPLES_KEY
-from custom.atomic import write_json_atomic
 from custom.comm import FULL_MODEL_BYTES_KEY
 from custom.site_state import SiteState, site_state_dir
 from data_prep.datamodule import VendorDataModule
+from models.atomic_io import write_json_atomic
 from models.config import ConvViTConfig
 from models.dual_lora import DualLoRAConfig, build_policy
 from models.lit import METRIC_NAMES, DualLoRAClassifier

@@ -15,7 +15,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from custom.atomic import write_json_atomic
+from models.atomic_io import write_json_atomic
 
 FULL_MODEL_BYTES_KEY = "full_model_bytes"
 COMM_DIR = "comm"

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-from custom.atomic import torch_save_atomic
+from models.atomic_io import torch_save_atomic
 
 STATE_ENV = "MED_DUALLORA_STATE"
 STATE_FILE = "private_state.pt"

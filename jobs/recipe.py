@@ -23,10 +23,10 @@ from nvflare.recipe import add_experiment_tracking, add_final_global_evaluation
 
 from app.client import build_module, parse_args, policy_from_args
 from custom.aggregators import SharedKeyAggregator
-from custom.atomic import torch_save_atomic
 from custom.comm import PayloadMeter
 from custom.controller import ResilientFedAvg
 from custom.filters import SharedKeysOnly
+from models.atomic_io import torch_save_atomic
 from models.policy import SharingPolicy
 
 REPO = Path(__file__).resolve().parent.parent

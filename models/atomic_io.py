@@ -53,3 +53,10 @@ def write_text_atomic(path: PathLike, text: str) -> None:
 def write_json_atomic(path: PathLike, payload: Any) -> None:
     """Write `payload` as indented JSON with sorted keys and a final newline, atomically."""
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def torch_save_atomic(path: PathLike, payload: Any) -> None:
+    """`torch.save` `payload` to `path` atomically."""
+    import torch
+
+    write_atomic(path, lambda stream: torch.save(payload, stream))
