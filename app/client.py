@@ -30,7 +30,7 @@ from data_prep.datamodule import VendorDataModule
 from models.atomic_io import write_json_atomic
 from models.config import ConvViTConfig
 from models.dual_lora import DualLoRAConfig, build_policy
-from models.lit import METRIC_NAMES, DualLoRAClassifier
+from models.lit import METRIC_NAMES, QUIET_TRAINER_KWARGS, DualLoRAClassifier
 from models.policy import SharingPolicy
 
 DATA_ENV = "MED_DUALLORA_DATA"
@@ -157,11 +157,7 @@ def make_trainer(args: argparse.Namespace, root_dir: str, callbacks: list[pl.Cal
         max_epochs=args.local_epochs,
         accelerator="auto",
         devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        **QUIET_TRAINER_KWARGS,
         check_val_every_n_epoch=VALIDATE_ONLY_WHEN_ASKED,
         default_root_dir=root_dir,
         callbacks=callbacks,

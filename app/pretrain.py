@@ -33,6 +33,7 @@ from data_prep.preprocess import read_volume
 from models.atomic_io import write_text_atomic
 from models.config import PRESET_NAMES, ConvViTConfig
 from models.convvit import ConvViT
+from models.lit import QUIET_TRAINER_KWARGS
 from models.loading import HEAD_PREFIX, load_cinema, save_cinema
 
 WEIGHTS_NAME = "model.safetensors"
@@ -277,11 +278,7 @@ def pretrain(
         accelerator="cpu",
         devices=1,
         deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        **QUIET_TRAINER_KWARGS,
         default_root_dir=str(out_dir / "lightning"),
     )
     trainer.fit(module, datamodule=data)

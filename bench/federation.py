@@ -97,6 +97,7 @@ def _central_worker(prepared: str, config: FederationConfig, steps_per_round: in
 
     from app.client import VALIDATE_ONLY_WHEN_ASKED, build_module, parse_args
     from data_prep.datamodule import VendorDataModule
+    from models.lit import QUIET_TRAINER_KWARGS
 
     torch.set_num_threads(threads)
     args = parse_args(shlex.split(config.client_args()))
@@ -105,11 +106,7 @@ def _central_worker(prepared: str, config: FederationConfig, steps_per_round: in
     trainer = pl.Trainer(
         max_epochs=10**6,
         max_steps=steps_per_round,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        **QUIET_TRAINER_KWARGS,
         check_val_every_n_epoch=VALIDATE_ONLY_WHEN_ASKED,
     )
     ready = time.monotonic()

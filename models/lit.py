@@ -81,6 +81,16 @@ def flatten_metrics(prefix: str, grouped: Mapping[str, Any]) -> dict[str, float]
     return flat
 
 
+# Trainer settings shared by every in-process fit (site rounds, pretraining, benches): no logs, checkpoints or bars.
+QUIET_TRAINER_KWARGS: dict[str, object] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+
+
 class DualLoRAClassifier(pl.LightningModule):
     """CineMA ConvViT with the policy's peft adapters, trained with CE and evaluated per client and pooled.
 
