@@ -13,6 +13,7 @@ import torch
 
 from jobs.job import config_from_args, parse_args
 from jobs.recipe import INITIAL_CHECKPOINT, PACKAGES, REPO, SITES, FederationConfig, export_job, site_policy
+from models.policy import POLICY_NAMES
 
 COMMITTED = REPO / "jobs" / "med_duallora"
 
@@ -38,6 +39,18 @@ def test_committed_job_equals_a_fresh_export(fresh_export):
     assert sorted(committed) == sorted(fresh), "file sets differ: run `python jobs/job.py export`"
     stale = [name for name in fresh if committed[name] != fresh[name]]
     assert not stale, f"stale files {stale}: run `python jobs/job.py export`"
+
+
+@pytest.mark.parametrize("method", [name for name in POLICY_NAMES if name != "med_duallora"])
+def test_every_committed_method_job_equals_a_fresh_export(method, tmp_path):
+    committed = REPO / "jobs" / method
+    assert committed.is_dir(), (
+        f"jobs/{method}/ is missing: run `python jobs/job.py export --method {method} --out jobs`"
+    )
+    fresh = export_job(FederationConfig(method=method), tmp_path)
+    assert _files(committed) == _files(fresh), (
+        f"jobs/{method}/ is stale: run `python jobs/job.py export --method {method}`"
+    )
 
 
 def test_export_from_the_command_line_is_byte_identical(fresh_export, tmp_path):
