@@ -16,6 +16,7 @@ import torch
 
 from app.benchmark_runs import METHODS
 from app.cohort_steps import prepare_split, run_module
+from app.pretrain import DEFAULT_EPOCHS
 from app.report import write_report
 from models.atomic_io import write_json_atomic, write_text_atomic
 from models.config import ConvViTConfig
@@ -220,7 +221,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, help="a CineMA .safetensors backbone (default: pretrain a stand-in)")
     parser.add_argument("--pretrain-seed", type=int, default=1000, help="seed of the pretraining cohort and run")
     parser.add_argument("--pretrain-subjects-per-vendor", type=int, default=20)
-    parser.add_argument("--pretrain-epochs", type=int, default=10)
+    parser.add_argument("--pretrain-epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--backbone", default="micro", help="ConvViT preset (micro for CPU)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=1)

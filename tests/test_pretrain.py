@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.pretrain import assert_disjoint, cinema_config, downstream_model, namespace_subject_ids
+from app.pretrain import (
+    PATHOLOGY_GROUPS,
+    assert_disjoint,
+    cinema_config,
+    downstream_model,
+    namespace_subject_ids,
+    pathology_classes,
+    pathology_group,
+)
 from models.config import ConvViTConfig
 from models.convvit import ConvViT
 from models.loading import load_cinema, save_cinema
@@ -75,3 +83,20 @@ def test_saved_backbone_loads_through_load_cinema_with_fresh_binary_heads(tmp_pa
     config = cinema_config("micro", loaded.config, seed=3, spacing=(3.0, 3.0, 10.0))
     assert config["data"]["pathology"] == ["NOR", "ABN"]
     assert config["model"]["convvit"]["enc_conv_chans"] == [8, 16]
+
+
+def test_pathology_groups_cover_every_code_and_refuse_unknown_ones():
+    from data_prep.records import KNOWN_CODES
+
+    every_code = set().union(*KNOWN_CODES.values())
+    assert every_code <= set(PATHOLOGY_GROUPS), "a pathology code has no pretraining group"
+    assert pathology_group("NOR") == "NOR" and pathology_group("DCM") == pathology_group("MINF")
+    assert pathology_group("HCM") == pathology_group("HHD") != pathology_group("ARV")
+    with pytest.raises(ValueError, match="subject 's1'.*'XYZ'"):
+        pathology_group("XYZ", "s1")
+    rows = [
+        {"subject_id": "a", "pathology": "NOR", "split": "train"},
+        {"subject_id": "b", "pathology": "NOR", "split": "train"},
+    ]
+    with pytest.raises(ValueError, match="at least two pathology groups"):
+        pathology_classes(rows)
