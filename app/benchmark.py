@@ -320,8 +320,9 @@ def summary_header(
         pretrain = json.loads(record.read_text(encoding="utf-8"))
         lines.append(
             f"Backbone: a stand-in for CineMA, NOT CineMA: `{args.backbone}` ConvViT pretrained by `app.pretrain` on "
-            f"multi-class pathology of a separate synthetic cohort (seed {pretrain['seed']}, subjects disjoint from "
-            f"the federated cohort, checked); pretraining test accuracy {pretrain['test'].get('test_accuracy')}."
+            f"five structural pathology groups of a separate synthetic cohort (seed {pretrain['seed']}, subjects "
+            f"disjoint from the federated cohort, checked); pretraining test accuracy "
+            f"{pretrain['test'].get('test_accuracy')}."
         )
     elif args.weights:
         lines.append(f"Backbone: `{args.weights}`.")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from custom.site_state import STATE_ENV
 from data_prep.prepare import run_prepare
 from data_prep.preprocess import Geometry
 from data_prep.synthesize import synthesize
+from jobs.recipe import SITES
+from jobs.simulate import SimulatorRun, run_simulator
 
 SUBJECTS_PER_VENDOR = 6
 TEST_GEOMETRY = Geometry(crop=(64, 64), spacing=(2.0, 2.0, 10.0), depth=8)
@@ -126,3 +129,14 @@ def cinema_examples(tmp_path: Path) -> Path:
         lines.append(f"{pid},{pathology},{vendor},0")
     (root / "train_metadata.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def simulate_sites(prepared_root: Path) -> Callable[..., SimulatorRun]:
+    """Runs a job folder in the real NVFlare simulator: four vendor sites as 4 threads over `prepared_root`."""
+
+    def run(job_dir: Path, root: Path, state_root: Path | None = None) -> SimulatorRun:
+        env = {"MED_DUALLORA_DATA": str(prepared_root), STATE_ENV: str(state_root or root / "site_state")}
+        return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
+
+    return run

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-from custom.site_state import STATE_ENV
 from jobs.recipe import SITES, FederationConfig, export_job
-from jobs.simulate import SimulatorRun, run_simulator
+from jobs.simulate import SimulatorRun
 
 pytestmark = pytest.mark.slow
 
@@ -37,18 +35,13 @@ client.main()
 """
 
 
-def _run(root: Path, prepared_root: Path, job_dir: Path, state_root: Path) -> SimulatorRun:
-    env = {"MED_DUALLORA_DATA": str(prepared_root), STATE_ENV: str(state_root)}
-    return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
-
-
 @pytest.fixture(scope="module")
-def run_with_dying_site(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
+def run_with_dying_site(simulate_sites, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
     root = tmp_path_factory.mktemp("dying")
     script = root / "dying_client.py"
     script.write_text(DYING_CLIENT)
     config = FederationConfig(rounds=2, local_epochs=1, min_clients=3)
-    return _run(root, prepared_root, export_job(config, root / "jobs", train_script=str(script)), root / "state")
+    return simulate_sites(export_job(config, root / "jobs", train_script=str(script)), root, root / "state")
 
 
 def test_a_site_dying_mid_round_does_not_stop_the_federation(run_with_dying_site):

@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from custom.site_state import STATE_ENV
-from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state, site_policy
-from jobs.simulate import run_simulator
+from jobs.recipe import FederationConfig, export_job, initial_global_state, site_policy
 from models.policy import POLICY_NAMES
 
 pytestmark = pytest.mark.slow
@@ -17,13 +15,10 @@ BASELINES = [name for name in POLICY_NAMES if name != "med_duallora"]
 
 
 @pytest.mark.parametrize("method", BASELINES)
-def test_method_job_runs_two_rounds_and_the_server_holds_only_shared_keys(method, prepared_root, tmp_path):
+def test_method_job_runs_two_rounds_and_the_server_holds_only_shared_keys(method, simulate_sites, tmp_path):
     config = FederationConfig(method=method, rounds=2, local_epochs=1, min_clients=4)
     job_dir = export_job(config, tmp_path / "jobs")
-    env = {"MED_DUALLORA_DATA": str(prepared_root), STATE_ENV: str(tmp_path / "site_state")}
-    run = run_simulator(
-        job_dir, tmp_path / "ws", SITES, threads=4, env=env, timeout=900, log_file=tmp_path / "sim.log"
-    )
+    run = simulate_sites(job_dir, tmp_path)
     assert run.problems() == []
 
     final = run.global_model()

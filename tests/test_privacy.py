@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from app.client import build_module
-from custom.site_state import STATE_ENV
 from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state, site_arguments, site_policy
-from jobs.simulate import SimulatorRun, run_simulator
+from jobs.simulate import SimulatorRun
 
 pytestmark = pytest.mark.slow
 
@@ -42,21 +40,16 @@ main()
 """
 
 
-def _run(root: Path, prepared_root: Path, job_dir: Path) -> SimulatorRun:
-    env = {"MED_DUALLORA_DATA": str(prepared_root), STATE_ENV: str(root / "site_state")}
-    return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
-
-
 @pytest.fixture(scope="module")
-def leaky_run(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
+def leaky_run(simulate_sites, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
     root = tmp_path_factory.mktemp("leaky")
     script = root / "leaky_client.py"
     script.write_text(LEAKY_CLIENT)
-    return _run(root, prepared_root, export_job(CONFIG, root / "jobs", train_script=str(script)))
+    return simulate_sites(export_job(CONFIG, root / "jobs", train_script=str(script)), root)
 
 
 @pytest.fixture(scope="module")
-def unfiltered_run(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
+def unfiltered_run(simulate_sites, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
     """The normal job with the result filter taken out of its client config."""
     root = tmp_path_factory.mktemp("unfiltered")
     job_dir = export_job(CONFIG.replace(rounds=1), root / "jobs")
@@ -64,7 +57,7 @@ def unfiltered_run(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory
     config = json.loads(client_config.read_text())
     config["task_result_filters"] = []
     client_config.write_text(json.dumps(config, indent=4))
-    return _run(root, prepared_root, job_dir)
+    return simulate_sites(job_dir, root)
 
 
 def test_not_one_local_key_reaches_the_server(leaky_run):

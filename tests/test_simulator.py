@@ -13,36 +13,30 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-from custom.site_state import STATE_ENV, SiteState, site_state_dir
+from custom.site_state import SiteState, site_state_dir
 from jobs.recipe import INITIAL_CHECKPOINT, SITES, FederationConfig, export_job, initial_global_state, site_policy
-from jobs.simulate import SimulatorRun, run_simulator
+from jobs.simulate import SimulatorRun
 
 pytestmark = pytest.mark.slow
 
 CONFIG = FederationConfig(rounds=2, local_epochs=1, min_clients=4)
 
 
-def _run(root: Path, config: FederationConfig, prepared_root: Path, state_root: Path) -> SimulatorRun:
-    job_dir = export_job(config, root / "jobs")
-    env = {"MED_DUALLORA_DATA": str(prepared_root), STATE_ENV: str(state_root)}
-    return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
-
-
 @pytest.fixture(scope="module")
-def finished_run(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulatorRun, Path]:
+def finished_run(simulate_sites, tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulatorRun, Path]:
     root = tmp_path_factory.mktemp("simulator")
-    return _run(root, CONFIG, prepared_root, root / "site_state"), root / "site_state"
+    return simulate_sites(export_job(CONFIG, root / "jobs"), root), root / "site_state"
 
 
 @pytest.fixture(scope="module")
-def restarted_run(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory):
+def restarted_run(simulate_sites, tmp_path_factory: pytest.TempPathFactory):
     """Round 0 in a first run; then a new server starts from that run's persisted global model for round 1."""
     root = tmp_path_factory.mktemp("restart")
     state_root = root / "site_state"
-    first = _run(root / "first", CONFIG.replace(rounds=1), prepared_root, state_root)
+    first = simulate_sites(export_job(CONFIG.replace(rounds=1), root / "first" / "jobs"), root / "first", state_root)
     saved = {site: SiteState(site_state_dir(CONFIG.job_name, site, str(state_root))).load() for site in SITES}
     resumed = CONFIG.replace(rounds=1, start_round=1, resume_from=str(first.global_model_path))
-    second = _run(root / "second", resumed, prepared_root, state_root)
+    second = simulate_sites(export_job(resumed, root / "second" / "jobs"), root / "second", state_root)
     return first, saved, second, state_root
 
 
