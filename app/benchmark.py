@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 
 from app.benchmark_runs import METHODS
 from app.cohort_steps import prepare_split, run_module
-from app.pretrain import DEFAULT_EPOCHS
+from app.pretrain import DEFAULT_EPOCHS, DEFAULT_TARGET, PRETRAINING_TARGETS
 from app.report import write_report
 from models.atomic_io import write_json_atomic, write_text_atomic
 from models.config import ConvViTConfig
@@ -156,6 +157,8 @@ def synthesize_cohort(raw_dir: Path, seed: int, subjects_per_vendor: int, log: C
                 str(seed),
                 "--subjects-per-vendor",
                 str(subjects_per_vendor),
+                "--workers",
+                "2",
             ],
             log,
         )
@@ -191,6 +194,7 @@ def pretrained_backbone(
             args.pretrain_subjects_per_vendor,
             args.pretrain_epochs,
             prepare_options=options,
+            target=args.pretrain_target,
         )
     return backbone_dir / WEIGHTS_NAME
 
@@ -217,14 +221,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     data.add_argument("--prepared", type=Path, help="use this prepared root for every seed (the split is then fixed)")
     data.add_argument("--raw", type=Path, help="raw cohort to prepare once per seed (default: synthesize one)")
     parser.add_argument("--cohort-seed", type=int, default=0, help="seed of the synthesized federated cohort")
-    parser.add_argument("--subjects-per-vendor", type=int, default=20, help="size of the synthesized cohort")
+    parser.add_argument(
+        "--subjects-per-vendor",
+        type=int,
+        default=40,
+        help="size of the synthesized cohort (40: 8 test subjects a site)",
+    )
     parser.add_argument("--weights", type=Path, help="a CineMA .safetensors backbone (default: pretrain a stand-in)")
     parser.add_argument("--pretrain-seed", type=int, default=1000, help="seed of the pretraining cohort and run")
-    parser.add_argument("--pretrain-subjects-per-vendor", type=int, default=20)
+    parser.add_argument("--pretrain-subjects-per-vendor", type=int, default=100)
     parser.add_argument("--pretrain-epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--pretrain-target", default=DEFAULT_TARGET, choices=sorted(PRETRAINING_TARGETS))
     parser.add_argument("--backbone", default="micro", help="ConvViT preset (micro for CPU)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--simulator-threads", type=int, default=2, help="sites trained in parallel (threads)")
@@ -318,11 +328,14 @@ def summary_header(
     record = weights.with_name("pretrain.json")
     if not args.weights and record.exists():
         pretrain = json.loads(record.read_text(encoding="utf-8"))
+        test = pretrain["test"]
         lines.append(
-            f"Backbone: a stand-in for CineMA, NOT CineMA: `{args.backbone}` ConvViT pretrained by `app.pretrain` on "
-            f"five structural pathology groups of a separate synthetic cohort (seed {pretrain['seed']}, subjects "
-            f"disjoint from the federated cohort, checked); pretraining test accuracy "
-            f"{pretrain['test'].get('test_accuracy')}."
+            f"Backbone: a stand-in for CineMA, NOT CineMA: `{args.backbone}` ConvViT fully trained by `app.pretrain` "
+            f"on `{pretrain['target']}` ({', '.join(pretrain['classes'])}) of a separate synthetic cohort "
+            f"({pretrain['subjects_per_vendor']} subjects a vendor, seed {pretrain['seed']}, disjoint from the "
+            f"federated cohort, checked) for {pretrain['epochs']} epochs; on that cohort's test split it reached "
+            f"accuracy {test.get('test_accuracy', math.nan):.3f}, "
+            f"macro recall {test.get('test_macro_recall', math.nan):.3f}."
         )
     elif args.weights:
         lines.append(f"Backbone: `{args.weights}`.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,11 @@ from typing import Any
 
 SIMULATOR_LOG = "simulator.log"
 POLL_SECONDS = 2.0
+STALL_SECONDS = 240.0
+"""A simulator whose logs stay silent this long is stuck (e.g. a site worker lost to a port clash, `OSError: [Errno
+98] Address already in use`, while the server waits for every site) and is stopped."""
+ATTEMPTS = 2
+"""Tries of one federated run: a stalled or failed simulator run is started once more in a fresh workspace."""
 ROUND_MARKER = "Round "
 FINISHED_MARKER = "Finished FedAvg."
 TEST_METRICS_FILE = "test_metrics.json"
@@ -34,6 +40,7 @@ class MethodSpec:
     all_blocks: bool = False
     global_r: int = 8
     local_r: int = 8
+    proximal_mu: float = 0.0
 
     def not_evaluable(self) -> dict[str, str]:
         """Model kinds this method cannot be scored with, and why (docs/evaluation.md)."""
@@ -62,6 +69,12 @@ METHODS: dict[str, MethodSpec] = {
             global_r=4,
         ),
         MethodSpec("fedit", "fedit", "FedAvg-LoRA: one LoRA (r 8) + head, both averaged"),
+        MethodSpec(
+            "fedprox_lora",
+            "fedit",
+            "as fedit, plus FedProx's proximal term (mu 0.1, not tuned) on the shared keys",
+            proximal_mu=0.1,
+        ),
         MethodSpec("ffa_lora", "ffa_lora", "FFA-LoRA: A frozen at a shared seed, B + head averaged"),
         MethodSpec("fedsa_lora", "fedsa_lora", "FedSA-LoRA: A averaged, B and head private"),
         MethodSpec("local_only", "local_only", "each site trains its own LoRA + head; nothing is sent"),
@@ -178,6 +191,7 @@ def federation_config(method: MethodSpec, settings: RunSettings, seed: int, job_
         seed=seed,
         threads=1,
         min_clients=len(settings.sites),
+        proximal_mu=method.proximal_mu,
         sites=settings.sites,
         name=job_name,
     )
@@ -208,9 +222,20 @@ def run_federated(method: MethodSpec, settings: RunSettings, seed: int, run_dir:
         str(settings.simulator_threads),
     ]
     label = f"{method.name} seed {seed}"
-    _run_with_round_progress(command, env, run_dir / SIMULATOR_LOG, workspace, settings.rounds, label, settings.log)
-    server_dir = _server_run_dir(workspace)
-    _check_finished(workspace, server_dir, settings.sites)
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            log_path = run_dir / SIMULATOR_LOG
+            _run_with_round_progress(command, env, log_path, workspace, settings.rounds, label, settings.log)
+            server_dir = _server_run_dir(workspace)
+            _check_finished(workspace, server_dir, settings.sites)
+            break
+        except RuntimeError as error:
+            if attempt == ATTEMPTS:
+                raise
+            settings.log(f"    {label}: attempt {attempt} failed ({error}); starting again in a fresh workspace")
+            log_path.rename(log_path.with_name(f"{SIMULATOR_LOG}.attempt{attempt}"))
+            for leftover in (workspace, run_dir / "site_state"):
+                shutil.rmtree(leftover, ignore_errors=True)
     return {
         "evaluations": _site_evaluations(workspace, settings.sites, _has_private_parts(config)),
         "not_evaluable": method.not_evaluable(),
@@ -237,20 +262,46 @@ def _run_with_round_progress(
     rounds: int,
     label: str,
     log: Callable[[str], None],
+    stall_seconds: float = STALL_SECONDS,
 ) -> None:
-    """Run the simulator with its output in log_path, reporting each round the server starts."""
+    """Run the simulator with its output in log_path, reporting each round the server starts.
+
+    A run whose output and server log stay unchanged for `stall_seconds` is stopped, with every process working in
+    its workspace, and raises RuntimeError.
+    """
     server_log = workspace / "server" / "log.txt"
     reported = -1
     with open(log_path, "w", encoding="utf-8") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        last_sizes, last_change = None, time.monotonic()
         while process.poll() is None:
             time.sleep(POLL_SECONDS)
             latest = _latest_round(server_log)
             if latest is not None and latest > reported:
                 reported = latest
                 log(f"    {label}: round {latest + 1}/{rounds}")
+            sizes = tuple(path.stat().st_size if path.exists() else -1 for path in (log_path, server_log))
+            if sizes != last_sizes:
+                last_sizes, last_change = sizes, time.monotonic()
+            elif time.monotonic() - last_change > stall_seconds:
+                _stop_processes_in(workspace, process)
+                raise RuntimeError(
+                    f"{label}: the simulator made no progress for {stall_seconds:.0f} s; see {log_path}"
+                )
     if process.returncode != 0:
         raise RuntimeError(f"{label}: the NVFlare simulator exited with {process.returncode}; see {log_path}")
+
+
+def _stop_processes_in(workspace: Path, process: subprocess.Popen) -> None:
+    """Kill the simulator and its site workers (which NVFlare starts in sessions of their own)."""
+    import psutil
+
+    process.kill()
+    process.wait()
+    for candidate in psutil.process_iter(["cmdline"]):
+        if str(workspace) in " ".join(candidate.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                candidate.kill()
 
 
 def _latest_round(server_log: Path) -> int | None:

@@ -54,6 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument(
+        "--proximal-mu", type=float, default=0.0, help="FedProx: weight of the proximal term on the shared keys"
+    )
 
     return parser.parse_args(argv)
 
@@ -108,6 +111,7 @@ def build_module(args: argparse.Namespace) -> DualLoRAClassifier:
         min_lr=args.lr,
         max_epochs=args.local_epochs,
         eval_global_only=set(policy_from_args(args).adapters) == {"global", "local"},
+        proximal_mu=args.proximal_mu,
     )
 
 
@@ -181,6 +185,7 @@ def final_evaluation(
         "models": {
             kind: {name: float(metrics[prefix + name]) for name in METRIC_NAMES} for kind, prefix in kinds.items()
         },
+        "predictions": {kind: module.eval_predictions[prefix.rstrip("_")] for kind, prefix in kinds.items()},
     }
     write_json_atomic(os.path.join(run_dir, TEST_METRICS_FILE), report)
     return {f"{kind}_{name}": value for kind, scores in report["models"].items() for name, value in scores.items()}

@@ -27,6 +27,7 @@ from jobs.simulate import SimulatorRun, run_simulator
 
 JOB = REPO / "jobs" / "med_duallora"
 MICRO_GEOMETRY = ["--crop", "64", "64", "--spacing", "2", "2", "10", "--depth", "8"]
+SUBJECTS_PER_VENDOR = 32
 SCORES = ("bal_acc", "sensitivity", "specificity", "auroc")
 MODELS = ("personalised", "global_only")
 
@@ -108,7 +109,7 @@ def _number(value: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="everything the demo makes goes here")
-    parser.add_argument("--subjects-per-vendor", type=int, default=16)
+    parser.add_argument("--subjects-per-vendor", type=int, default=SUBJECTS_PER_VENDOR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="simulator: sites running at once")
     args = parser.parse_args(argv)

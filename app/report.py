@@ -338,6 +338,7 @@ def plot_all(rows: Sequence[Mapping[str, Any]], records: Sequence[RunRecord], ou
     paths = []
     for key, draw in (("rounds", _draw_rounds), ("bytes", _draw_bytes), ("sites", _draw_sites)):
         figure, axes = plt.subplots(figsize=(9.5, 4.5))
+        axes.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # one colour per method, up to 20
         draw(axes, rows, records)
         figure.tight_layout()
         paths.append(_save_figure(figure, out_dir / PLOT_FILES[key]))
@@ -372,6 +373,7 @@ def _draw_rounds(axes, rows, records) -> None:
 
 
 def _draw_bytes(axes, rows, records) -> None:
+    plotted = []
     for method, kind in _primary_kinds(rows).items():
         seed_means = _per_seed_site_means(rows, method, kind)
         mean, std, _ = mean_std([means["bal_acc"] for means in seed_means.values()])
@@ -379,14 +381,29 @@ def _draw_bytes(axes, rows, records) -> None:
         if not sent:
             axes.axhline(mean, linestyle="--", color="grey", linewidth=1, label=f"{method} (no federation)")
             continue
-        axes.errorbar(
-            [sum(sent) / len(sent)], [mean], yerr=[0 if math.isnan(std) else std], fmt="o", capsize=3, label=method
-        )
-    axes.set_xscale("symlog", linthresh=1.0)
-    axes.set_xlabel("bytes sent by all clients over the run (symlog scale)")
+        plotted.append(sum(sent) / len(sent))
+        axes.errorbar([plotted[-1]], [mean], yerr=[0 if math.isnan(std) else std], fmt="o", capsize=3, label=method)
+    _bytes_axis(axes, plotted)
     axes.set_ylabel("balanced accuracy (mean over sites)")
     axes.set_title("Balanced accuracy against communication")
     _legend(axes)
+
+
+def _bytes_axis(axes, plotted: Sequence[float]) -> None:
+    """Log x axis over the plotted byte counts (symlog from 0 when a method sent nothing), half a decade of margin."""
+    positive = [value for value in plotted if value > 0]
+    if not positive:
+        axes.set_xlabel("bytes sent by all clients over the run")
+        return
+    right = max(positive) * 3
+    if len(positive) == len(plotted):
+        axes.set_xscale("log")
+        axes.set_xlim(min(positive) / 3, right)
+        axes.set_xlabel("bytes sent by all clients over the run (log scale)")
+    else:
+        axes.set_xscale("symlog", linthresh=min(positive) / 3)
+        axes.set_xlim(0, right)
+        axes.set_xlabel("bytes sent by all clients over the run (symlog scale: linear below the smallest)")
 
 
 def _draw_sites(axes, rows, records) -> None:

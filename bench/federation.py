@@ -185,9 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data:
         prepared = Path(args.data).resolve()
     else:
-        from app.demo import prepare_cohort
+        from app.demo import SUBJECTS_PER_VENDOR, prepare_cohort
 
-        prepared = prepare_cohort(out, subjects_per_vendor=16, seed=0)
+        prepared = prepare_cohort(out, subjects_per_vendor=SUBJECTS_PER_VENDOR, seed=0)
     config = job_config(args.local_epochs)
     job = COMMITTED_JOB if args.local_epochs is None else export_job(config, out / "jobs")
     counts = site_train_counts(prepared, SITES)

@@ -43,6 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=FederationConfig.seed)
     parser.add_argument("--site-threads", type=int, default=None, help="torch threads per site (0 = torch default)")
     parser.add_argument("--min-clients", type=int, default=FederationConfig.min_clients)
+    parser.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx term on the shared keys (0 = off)")
     parser.add_argument("--sites", default=",".join(SITES))
     parser.add_argument("--start-round", type=int, default=0, help="with --resume-from: the first round to run")
     parser.add_argument("--resume-from", default=None, help="FL_global_model.pt of the run to resume")
@@ -71,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "min_clients": args.min_clients,
+        "proximal_mu": args.proximal_mu,
         "sites": tuple(args.sites.split(",")),
         "start_round": args.start_round,
         "resume_from": args.resume_from,

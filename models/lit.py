@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -91,6 +91,15 @@ QUIET_TRAINER_KWARGS: dict[str, object] = {
 }
 
 
+class EvalBatch(NamedTuple):
+    """One evaluated batch, kept until the epoch ends: logits, class targets, and each subject's client and id."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    clients: list[str]
+    subject_ids: list[str]
+
+
 class DualLoRAClassifier(pl.LightningModule):
     """CineMA ConvViT with the policy's peft adapters, trained with CE and evaluated per client and pooled.
 
@@ -124,6 +133,7 @@ class DualLoRAClassifier(pl.LightningModule):
         prefix_cache_bytes: int = DEFAULT_CACHE_BYTES,
         eval_global_only: bool = False,
         grad_ckpt: bool = False,
+        proximal_mu: float = 0.0,
     ) -> None:
         """
         Args:
@@ -145,6 +155,8 @@ class DualLoRAClassifier(pl.LightningModule):
             prefix_cache_bytes: memory bound of the prefix cache.
             eval_global_only: also evaluate with the local adapter disabled, logged as `{stage}_global_only_*`.
             grad_ckpt: gradient checkpointing of the encoder blocks (for the base size on GPU).
+            proximal_mu: FedProx weight: adds (mu/2)·||w - w_round_start||² over the trained shared parameters,
+                w_round_start being their values when fitting starts (the received global model); 0 = off.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -164,8 +176,10 @@ class DualLoRAClassifier(pl.LightningModule):
         self.start_block = first_trained_block(self.model, self.policy)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if use_prefix_cache or cache_train_prefix else None
         self.register_buffer("class_weight", self._fixed_class_weights(class_weights, n_classes), persistent=False)
-        self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor, list[str]]]] = defaultdict(list)
+        self._eval_outputs: dict[str, list[EvalBatch]] = defaultdict(list)
         self.eval_results: dict[str, dict[str, Any]] = {}  # last evaluation per prefix (`test`, `val_global_only`)
+        self.eval_predictions: dict[str, list[dict[str, Any]]] = {}  # per subject, same prefixes
+        self._proximal_anchor: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def _class_names(task: str, classes: str | list[str] | None) -> list[str] | None:
@@ -240,11 +254,33 @@ class DualLoRAClassifier(pl.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        """FedProx: remember the shared parameters as fitting starts (NVFlare's callback has loaded the global
+        model by then: callback hooks run before the module's)."""
+        if self.hparams.proximal_mu > 0:
+            self._proximal_anchor = {
+                name: parameter.detach().clone()
+                for name, parameter in self.named_parameters()
+                if parameter.requires_grad and self.policy.is_shared(name)
+            }
+
+    def proximal_term(self) -> torch.Tensor:
+        """(mu/2)·||w - w_round_start||² over the trained shared parameters (0 without FedProx)."""
+        if not self._proximal_anchor:
+            return torch.zeros((), device=self.device)
+        parameters = dict(self.named_parameters())
+        squared = sum(((parameters[name] - anchor) ** 2).sum() for name, anchor in self._proximal_anchor.items())
+        return 0.5 * self.hparams.proximal_mu * squared
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         subject_ids = batch.get("subject_id") if self.hparams.cache_train_prefix else None
         logits = self(batch["image"], subject_ids)
         loss = self._loss(logits, self._targets(batch))
         self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
+        if self._proximal_anchor:
+            proximal = self.proximal_term()
+            self.log("train_proximal", proximal, batch_size=len(logits))
+            loss = loss + proximal
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -257,14 +293,15 @@ class DualLoRAClassifier(pl.LightningModule):
         subject_ids = batch.get("subject_id") if self.hparams.use_prefix_cache else None
         targets = self._targets(batch)
         clients = list(batch.get("client", ["all"] * len(targets)))
+        subjects = [str(subject) for subject in batch.get("subject_id", [""] * len(targets))]
         logits = self(batch["image"], subject_ids)
         self.log(f"{stage}_loss", self._loss(logits, targets), batch_size=len(targets))
-        self._eval_outputs[stage].append((logits.detach().float().cpu(), targets.cpu(), clients))
+        self._eval_outputs[stage].append(EvalBatch(logits.detach().float().cpu(), targets.cpu(), clients, subjects))
         if self.hparams.eval_global_only:
             with adapters_active(self.model, self.policy, ("global",)):
                 global_logits = self(batch["image"], subject_ids)
             self._eval_outputs[f"{stage}_global_only"].append(
-                (global_logits.detach().float().cpu(), targets.cpu(), clients)
+                EvalBatch(global_logits.detach().float().cpu(), targets.cpu(), clients, subjects)
             )
 
     def on_validation_epoch_end(self) -> None:
@@ -278,13 +315,29 @@ class DualLoRAClassifier(pl.LightningModule):
             outputs = self._eval_outputs.pop(prefix, [])
             if outputs:
                 self.eval_results[prefix] = self.grouped_metrics(outputs)
+                self.eval_predictions[prefix] = self.subject_predictions(outputs)
                 self.log_dict(flatten_metrics(prefix, self.eval_results[prefix]), batch_size=1)
 
-    def grouped_metrics(self, outputs: list[tuple[torch.Tensor, torch.Tensor, list[str]]]) -> dict[str, Any]:
+    def subject_predictions(self, outputs: list[EvalBatch]) -> list[dict[str, Any]]:
+        """One entry per evaluated subject: id, client, binary label (1 = diseased) and P(diseased)."""
+        healthy = self.class_names.index(HEALTHY_CLASS) if self.class_names else 0
+        return [
+            {"subject_id": subject, "client": client, "label": int(target != healthy), "p_diseased": float(p)}
+            for batch in outputs
+            for subject, client, target, p in zip(
+                batch.subject_ids,
+                batch.clients,
+                batch.targets.tolist(),
+                self._p_diseased(batch.logits).tolist(),
+                strict=True,
+            )
+        ]
+
+    def grouped_metrics(self, outputs: list[EvalBatch]) -> dict[str, Any]:
         """`{"pooled": metrics, "clients": {client: metrics}}`, each with its subject count `n`."""
-        logits = torch.cat([o[0] for o in outputs])
-        targets = torch.cat([o[1] for o in outputs])
-        clients = [c for o in outputs for c in o[2]]
+        logits = torch.cat([o.logits for o in outputs])
+        targets = torch.cat([o.targets for o in outputs])
+        clients = [c for o in outputs for c in o.clients]
         per_client = {}
         for client in sorted(set(clients)):
             mask = torch.tensor([c == client for c in clients])

@@ -136,3 +136,11 @@ def test_the_production_project_provisions_the_server_four_sites_and_admins(tmp_
     assert "admin@coordinator.example.org" in kits
     servers = [name for name in kits - set(SITES) if "@" not in name]
     assert len(servers) == 1 and (prod / servers[0] / "startup" / "start.sh").is_file()
+
+
+def test_fedprox_weight_reaches_the_site_script_only_when_set():
+    from jobs.recipe import site_arguments
+
+    assert "--proximal-mu" not in FederationConfig().client_args()  # committed jobs stay as they are
+    config = config_from_args(parse_args(["export", "--method", "fedit", "--proximal-mu", "0.1"]))
+    assert config.proximal_mu == 0.1 and site_arguments(config).proximal_mu == 0.1

@@ -162,13 +162,22 @@ def test_global_only_evaluation_drops_the_local_adapter():
     batch = {"image": make_images(4), "label": torch.tensor([0, 1, 0, 1]), "subject_id": list("abcd")}
     batch["client"] = ["ge", "ge", "canon", "canon"]
     module._eval_step("val", batch)
-    (personal, _, _), (global_only, _, _) = module._eval_outputs["val"][0], module._eval_outputs["val_global_only"][0]
-    assert not torch.equal(personal, global_only)
+    personal, global_only = module._eval_outputs["val"][0], module._eval_outputs["val_global_only"][0]
+    assert not torch.equal(personal.logits, global_only.logits)
     assert sorted(module.model.base_model.active_adapters) == ["global", "local"]
     grouped = module.grouped_metrics(module._eval_outputs["val_global_only"])
     assert grouped["pooled"]["n"] == 4 and grouped["clients"]["ge"]["n"] == 2
     metrics = flatten_metrics("val_global_only", grouped)
     assert metrics["val_global_only_ge_n"] == 2 and "val_global_only_canon_bal_acc" in metrics
+    predictions = module.subject_predictions(module._eval_outputs["val_global_only"])
+    assert [(p["subject_id"], p["client"], p["label"]) for p in predictions] == [
+        ("a", "ge", 0),
+        ("b", "ge", 1),
+        ("c", "canon", 0),
+        ("d", "canon", 1),
+    ]
+    expected = global_only.logits.softmax(1)[:, 1].tolist()
+    assert [p["p_diseased"] for p in predictions] == pytest.approx(expected)
     with pytest.raises(ValueError, match="eval_global_only needs both adapters"):
         make_module(policy="fedit", eval_global_only=True)
 
@@ -234,3 +243,39 @@ def test_fedavg_full_trains_exactly_its_blocks_and_heads_with_inverse_frequency_
         k.startswith(("model.encoder.blocks.2.", "model.encoder.blocks.3.", "model.pred_head_dict.")) for k in changed
     )
     assert any(k.startswith("model.encoder.blocks.2.") for k in changed)
+
+
+def _shift_after_training(proximal_mu: float) -> dict[str, float]:
+    """Distance each trainable parameter moved in 6 epochs of 2 steps (lr 0.05, so that moves are large).
+
+    AdamW's first step moves every parameter by about lr whatever the loss (the proximal gradient is 0 there);
+    the proximal term shows in the steps after it.
+    """
+    module = make_module(policy="med_duallora", lr=0.05, warmup_epochs=0, min_lr=0.05, proximal_mu=proximal_mu)
+    before = {k: v.clone() for k, v in module.trainable_state_dict().items()}
+    trainer = pl.Trainer(
+        max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(module, datamodule=TinyDataModule())
+    return {k: float((v - before[k]).norm()) for k, v in module.trainable_state_dict().items()}
+
+
+def test_fedprox_term_holds_the_shared_keys_near_the_round_start_and_leaves_local_ones_free():
+    free, held = _shift_after_training(0.0), _shift_after_training(1e4)
+    shared = [k for k in free if ".local." not in k]
+    local = [k for k in free if ".local." in k and ".lora_B." in k]
+    assert shared and local
+    assert sum(held[k] for k in shared) < 0.2 * sum(free[k] for k in shared)
+    assert sum(held[k] for k in local) > 0.5 * sum(free[k] for k in local)
+
+
+def test_fedprox_term_is_zero_at_the_anchor_and_half_mu_times_the_squared_distance():
+    module = make_module(policy="fedit", proximal_mu=0.5)
+    assert module.proximal_term().item() == 0.0  # no anchor before fitting starts
+    module.on_train_start()
+    assert set(module._proximal_anchor) == set(module.shared_state_dict())
+    assert module.proximal_term().item() == 0.0
+    name = next(iter(module._proximal_anchor))
+    with torch.no_grad():
+        dict(module.named_parameters())[name].add_(2.0)
+    assert module.proximal_term().item() == pytest.approx(0.5 * 0.5 * 4.0 * module._proximal_anchor[name].numel())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.pretrain import (
-    PATHOLOGY_GROUPS,
+    PRETRAINING_TARGETS,
     assert_disjoint,
     cinema_config,
     downstream_model,
@@ -85,15 +85,23 @@ def test_saved_backbone_loads_through_load_cinema_with_fresh_binary_heads(tmp_pa
     assert config["model"]["convvit"]["enc_conv_chans"] == [8, 16]
 
 
-def test_pathology_groups_cover_every_code_and_refuse_unknown_ones():
+def test_every_pretraining_target_covers_every_code_and_refuses_unknown_ones():
     from data_prep.records import KNOWN_CODES
 
     every_code = set().union(*KNOWN_CODES.values())
-    assert every_code <= set(PATHOLOGY_GROUPS), "a pathology code has no pretraining group"
-    assert pathology_group("NOR") == "NOR" and pathology_group("DCM") == pathology_group("MINF")
-    assert pathology_group("HCM") == pathology_group("HHD") != pathology_group("ARV")
-    with pytest.raises(ValueError, match="subject 's1'.*'XYZ'"):
-        pathology_group("XYZ", "s1")
+    for target, grouping in PRETRAINING_TARGETS.items():
+        assert every_code <= set(grouping), f"a pathology code has no pretraining class in {target}"
+        with pytest.raises(ValueError, match="subject 's1'.*'XYZ'"):
+            pathology_group("XYZ", "s1", target)
+    assert pathology_group("NOR", target="groups") == "NOR"
+    assert pathology_group("DCM", target="groups") == pathology_group("MINF", target="groups")
+    assert (
+        pathology_group("HCM", target="groups")
+        == pathology_group("HHD", target="groups")
+        != pathology_group("ARV", target="groups")
+    )
+    binary = {pathology_group(code, target="healthy_vs_diseased") for code in every_code - {"NOR"}}
+    assert binary == {"ABN"} and pathology_group("NOR", target="healthy_vs_diseased") == "NOR"
     rows = [
         {"subject_id": "a", "pathology": "NOR", "split": "train"},
         {"subject_id": "b", "pathology": "NOR", "split": "train"},

@@ -5,6 +5,7 @@ Two rounds in one go, and the same two rounds with the server restarted in betwe
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -72,8 +73,14 @@ def test_each_site_keeps_its_own_local_adapter(finished_run):
     assert any(not torch.equal(states["siemens"][key], states["ge"][key]) for key in local_b)
 
 
-def test_each_site_scores_personalised_and_global_only(finished_run):
+def test_each_site_scores_personalised_and_global_only(finished_run, prepared_root):
     run, _ = finished_run
+    with (prepared_root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
+        test_labels = {
+            row["subject_id"]: (row["client"], int(row["label"]))
+            for row in csv.DictReader(handle)
+            if row["split"] == "test"
+        }
     for site in SITES:
         report = run.test_metrics(site)
         assert report["site"] == site and report["n_test"] > 0
@@ -81,6 +88,12 @@ def test_each_site_scores_personalised_and_global_only(finished_run):
         for scores in report["models"].values():
             for name in ("bal_acc", "sensitivity", "specificity"):
                 assert math.isnan(scores[name]) or 0.0 <= scores[name] <= 1.0
+        site_subjects = {subject for subject, (client, _) in test_labels.items() if client == site}
+        assert set(report["predictions"]) == set(report["models"])
+        for predictions in report["predictions"].values():
+            assert sorted(entry["subject_id"] for entry in predictions) == sorted(site_subjects)
+            for entry in predictions:
+                assert entry["label"] == test_labels[entry["subject_id"]][1] and 0.0 <= entry["p_diseased"] <= 1.0
 
 
 def test_bytes_are_accounted_per_site_and_round(finished_run):
