@@ -222,9 +222,9 @@ def run_federated(method: MethodSpec, settings: RunSettings, seed: int, run_dir:
         str(settings.simulator_threads),
     ]
     label = f"{method.name} seed {seed}"
+    log_path = run_dir / SIMULATOR_LOG
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            log_path = run_dir / SIMULATOR_LOG
             _run_with_round_progress(command, env, log_path, workspace, settings.rounds, label, settings.log)
             server_dir = _server_run_dir(workspace)
             _check_finished(workspace, server_dir, settings.sites)
