@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from app.benchmark_runs import METHODS
-from app.cohort_steps import prepare_split, run_module
+from app.cohort_steps import prepare_split, synthesize
 from app.pretrain import DEFAULT_EPOCHS, DEFAULT_TARGET, PRETRAINING_TARGETS
 from app.report import write_report
 from models.atomic_io import write_json_atomic, write_text_atomic
@@ -148,20 +148,7 @@ def synthesize_cohort(raw_dir: Path, seed: int, subjects_per_vendor: int, log: C
     if not done.exists():
         if raw_dir.exists():
             shutil.rmtree(raw_dir)
-        run_module(
-            [
-                "data_prep.synthesize",
-                "--out",
-                str(raw_dir),
-                "--seed",
-                str(seed),
-                "--subjects-per-vendor",
-                str(subjects_per_vendor),
-                "--workers",
-                "2",
-            ],
-            log,
-        )
+        synthesize(raw_dir, seed, subjects_per_vendor, log)
         write_text_atomic(done, f"seed {seed}, {subjects_per_vendor} subjects per vendor\n")
     return raw_dir
 

@@ -15,6 +15,24 @@ def run_module(arguments: Sequence[str], log: Callable[[str], None]) -> None:
     subprocess.run(command, check=True)
 
 
+def synthesize(raw_dir: Path, seed: int, subjects_per_vendor: int, log: Callable[[str], None]) -> None:
+    """Write a synthetic cohort (fixed by its seed) into raw_dir with `data_prep.synthesize`, on 2 processes."""
+    run_module(
+        [
+            "data_prep.synthesize",
+            "--out",
+            str(raw_dir),
+            "--seed",
+            str(seed),
+            "--subjects-per-vendor",
+            str(subjects_per_vendor),
+            "--workers",
+            "2",
+        ],
+        log,
+    )
+
+
 def prepare_split(
     raw_dir: Path, prepared: Path, seed: int, options: Sequence[str], log: Callable[[str], None]
 ) -> Path:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml
 
-from app.cohort_steps import prepare_split, run_module
+from app.cohort_steps import prepare_split, synthesize
 from data_prep.preprocess import read_volume
 from models.atomic_io import write_text_atomic
 from models.config import PRESET_NAMES, ConvViTConfig
@@ -152,20 +152,7 @@ def synthesize_and_prepare(
     """Generate the pretraining cohort with the data_prep CLIs (unless already prepared) and return its root."""
     raw, prepared = cohort_dir / "raw", cohort_dir / "prepared"
     if not (prepared / "manifest.csv").exists():
-        run_module(
-            [
-                "data_prep.synthesize",
-                "--out",
-                str(raw),
-                "--seed",
-                str(seed),
-                "--subjects-per-vendor",
-                str(subjects_per_vendor),
-                "--workers",
-                "2",
-            ],
-            _print,
-        )
+        synthesize(raw, seed, subjects_per_vendor, _print)
     return prepare_split(raw, prepared, seed, prepare_options, _print)
 
 
