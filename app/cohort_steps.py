@@ -15,8 +15,18 @@ def run_module(arguments: Sequence[str], log: Callable[[str], None]) -> None:
     subprocess.run(command, check=True)
 
 
-def synthesize(raw_dir: Path, seed: int, subjects_per_vendor: int, log: Callable[[str], None]) -> None:
-    """Write a synthetic cohort (fixed by its seed) into raw_dir with `data_prep.synthesize`, on 2 processes."""
+def synthesize(
+    raw_dir: Path,
+    seed: int,
+    subjects_per_vendor: int,
+    log: Callable[[str], None],
+    vendors: Sequence[str] = (),
+    render_profile: str | None = None,
+) -> None:
+    """Write a synthetic cohort (fixed by its seed) into raw_dir with `data_prep.synthesize`, on 2 processes;
+    `vendors` restricts it (default: every vendor), `render_profile` renders it with one vendor's profile."""
+    options = ["--vendors", *vendors] if vendors else []
+    options += ["--render-profile", render_profile] if render_profile else []
     run_module(
         [
             "data_prep.synthesize",
@@ -28,6 +38,7 @@ def synthesize(raw_dir: Path, seed: int, subjects_per_vendor: int, log: Callable
             str(subjects_per_vendor),
             "--workers",
             "2",
+            *options,
         ],
         log,
     )

@@ -1,11 +1,20 @@
-"""`python -m app.pretrain`: a stand-in for CineMA's pretrained weights, from supervised pathology pretraining.
+"""`python -m app.pretrain`: the stand-in for CineMA's weights, pretrained on a Siemens-only cohort like UK Biobank.
 
-CineMA's weights cannot be downloaded here, and the benchmark must not adapt a random backbone. This recipe trains the
-whole ConvViT (all parameters) on pathology labels (PRETRAINING_TARGETS: healthy vs diseased by default, or five
-structural groups) of a separate synthetic cohort (its own seed; no subject shared with the federated cohort,
-checked), then writes the backbone in CineMA's fine-tuned checkpoint format
-with a CineMA downstream config.yaml, so that the benchmark loads it through `models.load_cinema` like real weights.
-The heads are re-initialised for the 2-class downstream task, as CineMA's pretrained (MAE) checkpoint leaves them.
+CineMA's weights cannot be downloaded here, and a random backbone carries no signal for a local adapter to re-weight.
+This recipe pretrains a ConvViT the way a foundation model is made, on a separate cohort and without the downstream
+label:
+1. a Siemens-only synthetic cohort (CineMA was pretrained on UK Biobank, which is Siemens only) with its own seed,
+   in all the Siemens datasets' layouts, prepared to the stand-in's input geometry;
+2. image-derived phenotypes computed from each subject's ED/ES label maps (data_prep/phenotypes.py: volumes,
+   ejection fractions, myocardium, wall thickness), as UK Biobank publishes them;
+3. full training of the ConvViT to regress the standardised phenotypes through its own heads (MSE), with
+   size-preserving augmentation (`--objective groups` classifies structural pathology groups instead);
+4. the backbone written in CineMA's checkpoint format with fresh 2-class heads, and a CineMA config.yaml;
+5. the bar, on a fresh Siemens-only probe cohort: frozen features, class-balanced logistic regression, 5-fold CV
+   (app/probe.py), beside a random backbone of the same shape, and the same probe hearts rendered with another
+   vendor's profile (the domain shift federated sites see);
+6. `record.json`: the exact command, seeds, sha256, probe figures, `prepare_args` and the pretraining volumes'
+   digests, so that any federated cohort can be checked disjoint from it.
 """
 
 from __future__ import annotations
@@ -15,9 +24,10 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import math
+import shlex
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,46 +38,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml
+from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandFlipd, RandScaleIntensityd
 
 from app.cohort_steps import prepare_split, synthesize
+from app.probe import PATHOLOGY_GROUPS, pathology_group, probe_backbone
+from data_prep.phenotypes import PHENOTYPES, subject_phenotypes
 from data_prep.preprocess import read_volume
-from models.atomic_io import write_text_atomic
+from data_prep.readers import discover
+from data_prep.records import LabelRule
+from models.atomic_io import write_json_atomic, write_text_atomic
 from models.config import PRESET_NAMES, ConvViTConfig
 from models.convvit import ConvViT
 from models.lit import QUIET_TRAINER_KWARGS
 from models.loading import HEAD_PREFIX, load_cinema, save_cinema
+from models.standin import CONFIG_NAME, RECORD_NAME, STANDIN_DIR, WEIGHTS_NAME, file_sha256, read_record
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.yaml"
-RECORD_NAME = "pretrain.json"
+PHENOTYPES_FILE = "phenotypes.csv"
 DOWNSTREAM_CLASSES = ["NOR", "ABN"]
 """Downstream config's class list: 0 = NOR (healthy), 1 = any pathology, like the federated task."""
-DEFAULT_EPOCHS = 100
-"""Full training needs ~100 epochs of an 80-subject cohort before the loss leaves chance level (10 learn nothing)."""
-PATHOLOGY_GROUPS: dict[str, str] = {
-    "NOR": "NOR",
-    **dict.fromkeys(("DCM", "MINF", "IHD", "LV", "AHS"), "LV_DILATED"),
-    **dict.fromkeys(("HCM", "HHD"), "LV_HYPERTROPHY"),
-    **dict.fromkeys(("RV", "ARV", "ARR", "TRI", "CIA", "FALL"), "RV_ABNORMAL"),
-    "Other": "OTHER",
-}
-"""Pretraining target: each pathology code's group by the structure it changes (data_prep/anatomy.py shifts).
-
-The 14 codes of an 80-subject cohort leave a few subjects per class and nothing is learnt (test accuracy 0.06);
-the five groups are learnable at that size and still teach LV and RV size, wall and function features.
-"""
-PRETRAINING_TARGETS: dict[str, dict[str, str]] = {
-    "groups": PATHOLOGY_GROUPS,
-    "healthy_vs_diseased": {code: "NOR" if code == "NOR" else "ABN" for code in PATHOLOGY_GROUPS},
-}
-"""Pretraining targets by name: the five structural groups, or healthy vs any pathology (the downstream task's
-labels, on the separate pretraining cohort).
-
-Measured on a 200-subject pretraining cohort (100 epochs), then LoRA on the frozen backbone for 20 epochs on the
-160-subject federated cohort, pooled over sites: test balanced accuracy 0.65 after `healthy_vs_diseased`, 0.58 after
-`groups` and 0.50 on a random backbone (docs/evaluation.md, "The backbone").
-"""
-DEFAULT_TARGET = "healthy_vs_diseased"
+PRETRAINING_VENDOR = "siemens"
+DEFAULT_GEOMETRY = ["--crop", "64", "64", "--spacing", "3", "3", "10", "--depth", "8"]
+"""The stand-in's input: 64 x 64 x 8 voxels at 3 x 3 x 10 mm (CineMA's 192 mm in-plane field of view)."""
+PRETRAINING_SPLIT = ["--val-fraction", "0.1", "--test-fraction", "0.1"]
+OBJECTIVES = ("phenotypes", "groups")
+SHIFT_VOXELS = 4
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
@@ -109,113 +103,165 @@ def volume_digests(prepared: Path) -> dict[str, str]:
     return digests
 
 
-def assert_disjoint(pretraining: Path, federated: Sequence[Path]) -> dict[str, int]:
-    """Raise unless the pretraining cohort shares neither a subject id nor a volume with any federated cohort."""
-    ours = volume_digests(pretraining)
+def assert_disjoint_digests(ours: Mapping[str, str], root: Path, source: str) -> None:
+    """Raise unless the prepared root `root` shares neither a subject id nor a volume with `ours` (from `source`)."""
+    theirs = volume_digests(root)
+    same_ids = sorted(set(ours) & set(theirs))
+    if same_ids:
+        raise ValueError(
+            f"{source} and {root / 'manifest.csv'} share {len(same_ids)} subject id(s), e.g. {same_ids[:5]}: "
+            "the pretraining cohort must be disjoint from every other cohort"
+        )
     ours_by_digest = {digest: subject for subject, digest in ours.items()}
-    for root in federated:
-        theirs = volume_digests(root)
-        same_ids = sorted(set(ours) & set(theirs))
-        if same_ids:
-            raise ValueError(
-                f"{pretraining / 'manifest.csv'} and {root / 'manifest.csv'} share {len(same_ids)} subject id(s), "
-                f"e.g. {same_ids[:5]}: the pretraining cohort must be disjoint from the federated cohort"
-            )
-        same_volumes = sorted(ours_by_digest[digest] for digest in set(ours_by_digest) & set(theirs.values()))
-        if same_volumes:
-            raise ValueError(
-                f"{pretraining} and {root} hold {len(same_volumes)} identical volume(s) (e.g. {same_volumes[:5]}): "
-                "the same subject is in both cohorts"
-            )
-    return {"pretraining_subjects": len(ours), "federated_roots_checked": len(federated)}
+    same_volumes = sorted(ours_by_digest[digest] for digest in set(ours_by_digest) & set(theirs.values()))
+    if same_volumes:
+        raise ValueError(
+            f"{source} and {root} hold {len(same_volumes)} identical volume(s) (e.g. {same_volumes[:5]}): "
+            "the same subject is in both cohorts"
+        )
 
 
-def pathology_group(code: str, subject_id: str = "", target: str = DEFAULT_TARGET) -> str:
-    """The pretraining class of a pathology code under `target`; an unknown code is an error naming the subject."""
-    grouping = PRETRAINING_TARGETS[target]
-    if code not in grouping:
-        raise ValueError(f"subject {subject_id!r}: pathology {code!r} has no group in {sorted(grouping)}")
-    return grouping[code]
+def assert_disjoint(pretraining: Path, others: Sequence[Path]) -> dict[str, int]:
+    """Raise unless the pretraining cohort shares neither a subject id nor a volume with any other cohort."""
+    ours = volume_digests(pretraining)
+    for root in others:
+        assert_disjoint_digests(ours, root, str(pretraining))
+    return {"pretraining_subjects": len(ours), "cohorts_checked": len(others)}
 
 
-def pathology_classes(rows: Sequence[Mapping[str, str]], target: str = DEFAULT_TARGET) -> list[str]:
-    """Sorted pretraining classes of the whole pretraining cohort (a rare group may miss the training split)."""
-    classes = sorted({pathology_group(row["pathology"], row["subject_id"], target) for row in rows})
-    if len({pathology_group(row["pathology"], target=target) for row in rows if row["split"] == "train"}) < 2:
-        raise ValueError(f"pretraining needs at least two pathology groups in the training split (cohort {classes})")
-    return classes
+def assert_disjoint_from_standin(prepared: Path, standin: Path = STANDIN_DIR) -> None:
+    """Raise if a (federated) prepared root holds a subject of the stand-in's pretraining cohort."""
+    record = read_record(standin)
+    assert_disjoint_digests(record["pretraining_volume_sha256"], prepared, f"{standin / RECORD_NAME}")
 
 
-def synthesize_and_prepare(
-    cohort_dir: Path, seed: int, subjects_per_vendor: int, prepare_options: Sequence[str]
-) -> Path:
-    """Generate the pretraining cohort with the data_prep CLIs (unless already prepared) and return its root."""
-    raw, prepared = cohort_dir / "raw", cohort_dir / "prepared"
-    if not (prepared / "manifest.csv").exists():
-        synthesize(raw, seed, subjects_per_vendor, _print)
-    return prepare_split(raw, prepared, seed, prepare_options, _print)
+def cohort_phenotypes(raw: Path, prepared: Path) -> dict[str, list[float]]:
+    """PHENOTYPES of every prepared subject, computed from its raw ED/ES label maps, by (namespaced) subject id.
+
+    Also written to `<prepared>/../phenotypes.csv` for inspection. A prepared subject without label maps is an error.
+    """
+    records = {record.subject_id: record for record in discover([raw], LabelRule()).records}
+    rows = read_manifest(prepared / "manifest.csv")
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        source_id = row.get("source_subject_id", row["subject_id"])
+        if source_id not in records:
+            raise ValueError(f"{prepared / 'manifest.csv'}: subject {source_id} is not found under {raw}")
+        measured = subject_phenotypes(records[source_id])
+        values[row["subject_id"]] = [measured[name] for name in PHENOTYPES]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["subject_id", *PHENOTYPES])
+    writer.writerows([subject, *(f"{v:.4f}" for v in row)] for subject, row in values.items())
+    write_text_atomic(prepared.parent / PHENOTYPES_FILE, buffer.getvalue())
+    return values
 
 
-def _print(message: str) -> None:
-    print(message, flush=True)
+def standardised(values: Mapping[str, list[float]], train_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Phenotypes z-scored with the training split's mean and standard deviation."""
+    train = np.array([values[subject] for subject in train_ids])
+    mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
+    return {
+        subject: torch.tensor((np.array(row) - mean) / std, dtype=torch.float32) for subject, row in values.items()
+    }
 
 
-class PathologyPretrainer(pl.LightningModule):
-    """Full training of a ConvViT on pathology groups: CE with label smoothing, AdamW, cosine schedule."""
+def size_preserving(crop: tuple[int, int], seed: int) -> Compose:
+    """Pretraining augmentation that keeps every measured size: in-plane flips, z-rotation, shifts of up to
+    SHIFT_VOXELS, intensity scale and gamma (CineMA's zoom would change the volumes the targets measure)."""
+    transform = Compose(
+        [
+            RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+            RandFlipd(keys="image", prob=0.5, spatial_axis=1),
+            RandAffined(
+                keys="image",
+                prob=0.5,
+                rotate_range=(0, 0, np.pi),
+                translate_range=(SHIFT_VOXELS, SHIFT_VOXELS, 0),
+                mode="bilinear",
+                padding_mode="zeros",
+            ),
+            RandScaleIntensityd(keys="image", prob=0.5, factors=0.2),
+            RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5)),
+        ]
+    )
+    transform.set_random_state(seed=seed)
+    return transform
+
+
+class StandInPretrainer(pl.LightningModule):
+    """Full ConvViT training on phenotype regression (MSE) or pathology groups (CE), AdamW, warm-up and cosine.
+
+    The model's heads output the phenotypes or the group logits; `downstream_model` replaces them.
+    """
 
     def __init__(
         self,
         config: ConvViTConfig,
-        classes: Sequence[str],
+        targets: Mapping[str, torch.Tensor],
+        groups: Sequence[str],
+        objective: str,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
-        target: str = DEFAULT_TARGET,
     ):
         super().__init__()
-        self.model = ConvViT(config)
-        self.classes = list(classes)
-        self.target = target
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r}: choose one of {OBJECTIVES}")
+        self.n_regressed = len(PHENOTYPES) if objective == "phenotypes" else 0
+        self.groups = list(groups) if objective == "groups" else []
+        self.model = ConvViT(dataclasses.replace(config, n_classes=self.n_regressed + len(self.groups)))
+        self.targets = dict(targets)
         self.lr, self.weight_decay = lr, weight_decay
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
 
-    def _targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        index = {name: position for position, name in enumerate(self.classes)}
-        groups = [
-            pathology_group(p, s, self.target) for p, s in zip(batch["pathology"], batch["subject_id"], strict=True)
-        ]
-        unknown = sorted(set(groups) - set(index))
-        if unknown:
-            raise ValueError(f"subjects {batch['subject_id']}: group {unknown} is not a class of {self.classes}")
-        return torch.tensor([index[g] for g in groups], device=self.device)
+    def _losses(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total loss, the regression outputs and their targets."""
+        outputs = self.model(batch["image"])
+        regressed = outputs[:, : self.n_regressed]
+        wanted = torch.stack([self.targets[s] for s in batch["subject_id"]]).to(self.device)[:, : self.n_regressed]
+        loss = F.mse_loss(regressed, wanted) if self.n_regressed else outputs.new_zeros(())
+        if self.groups:
+            index = {group: position for position, group in enumerate(self.groups)}
+            classes = [
+                index[pathology_group(p, s)] for p, s in zip(batch["pathology"], batch["subject_id"], strict=True)
+            ]
+            loss = loss + F.cross_entropy(outputs[:, self.n_regressed :], torch.tensor(classes, device=self.device))
+        return loss, regressed.detach(), wanted
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = F.cross_entropy(self.model(batch["image"]), self._targets(batch), label_smoothing=0.1)
-        self.log("train_loss", loss, batch_size=len(batch["pathology"]))
+        loss, _, _ = self._losses(batch)
+        self.log("train_loss", loss, batch_size=len(batch["subject_id"]))
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._outputs["val"].append((self.model(batch["image"]).argmax(1).cpu(), self._targets(batch).cpu()))
+        self._eval_step("val", batch)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._outputs["test"].append((self.model(batch["image"]).argmax(1).cpu(), self._targets(batch).cpu()))
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> None:
+        loss, regressed, wanted = self._losses(batch)
+        self.log(f"{stage}_loss", loss, batch_size=len(batch["subject_id"]))
+        self._outputs[stage].append((regressed.cpu(), wanted.cpu()))
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self._accuracy("val"), batch_size=1)
+        self.log_dict(self._r2("val"), batch_size=1)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._accuracy("test"), batch_size=1)
+        self.log_dict(self._r2("test"), batch_size=1)
 
-    def _accuracy(self, stage: str) -> dict[str, float]:
+    def _r2(self, stage: str) -> dict[str, float]:
+        """Coefficient of determination of each regressed phenotype, and their mean."""
         outputs, self._outputs[stage] = self._outputs[stage], []
-        if not outputs:
+        if not outputs or not self.n_regressed:
             return {}
         predicted = torch.cat([o[0] for o in outputs])
-        targets = torch.cat([o[1] for o in outputs])
-        recalls = [float((predicted[targets == c] == c).float().mean()) for c in targets.unique().tolist()]
-        return {
-            f"{stage}_accuracy": float((predicted == targets).float().mean()),
-            f"{stage}_macro_recall": sum(recalls) / len(recalls),
-        }
+        wanted = torch.cat([o[1] for o in outputs])
+        residual = ((predicted - wanted) ** 2).sum(0)
+        total = ((wanted - wanted.mean(0)) ** 2).sum(0).clamp_min(1e-8)
+        r2 = 1.0 - residual / total
+        per_phenotype = {f"{stage}_r2_{name}": float(value) for name, value in zip(PHENOTYPES, r2, strict=True)}
+        return {f"{stage}_r2_mean": float(r2.mean()), **per_phenotype}
 
     def configure_optimizers(self) -> dict[str, Any]:
         decayed = [p for p in self.parameters() if p.requires_grad and p.ndim > 1]
@@ -226,8 +272,10 @@ class PathologyPretrainer(pl.LightningModule):
             betas=(0.9, 0.95),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, total // 20)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            optimizer,
+            lambda step: min(1.0, (step + 1) / warmup) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / total))),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -284,118 +332,194 @@ def cinema_config(size: str, config: ConvViTConfig, seed: int, spacing: Sequence
     }
 
 
-def pretrain(
-    out_dir: Path,
-    seed: int,
-    federated_roots: Sequence[Path],
-    preset: str = "micro",
-    subjects_per_vendor: int = 12,
-    epochs: int = DEFAULT_EPOCHS,
-    batch_size: int = 4,
-    lr: float = 1e-3,
-    prepare_options: Sequence[str] = (),
-    target: str = DEFAULT_TARGET,
-) -> dict[str, Any]:
-    """Run the recipe end to end; returns the record also written to out_dir/pretrain.json."""
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def cohort(work: Path, name: str, seed: int, subjects: int, geometry: Sequence[str], profile: str | None = None):
+    """A Siemens-only synthetic cohort, prepared to `geometry` (reused when already prepared); its prepared root."""
+    raw, prepared = work / name / "raw", work / name / "prepared"
+    if not (prepared / "manifest.csv").exists():
+        synthesize(raw, seed, subjects, _print, vendors=[PRETRAINING_VENDOR], render_profile=profile)
+    return prepare_split(raw, prepared, seed, [*geometry, *PRETRAINING_SPLIT], _print)
+
+
+def _option(default: Any, help_text: str, **argparse_kwargs: Any) -> Any:
+    """A PretrainSettings field that is also a `python -m app.pretrain` option (`--batch-size` for batch_size)."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **argparse_kwargs})
+
+
+@dataclasses.dataclass
+class PretrainSettings:
+    """Everything the stand-in depends on (all of it goes into record.json); each field is a command-line option."""
+
+    seed: int = _option(1000, "seed of the pretraining cohort and of the training")
+    subjects: int = _option(400, "Siemens subjects to pretrain on")
+    preset: str = _option("mini", "ConvViT preset", choices=PRESET_NAMES)
+    objective: str = _option("phenotypes", "what the backbone learns", choices=OBJECTIVES)
+    epochs: int = _option(120, "training epochs")
+    batch_size: int = _option(8, "training batch size")
+    lr: float = _option(1e-3, "AdamW learning rate (5 %% warm-up, then cosine)")
+    probe_seed: int = _option(2000, "seed of the fresh Siemens probe cohort")
+    probe_subjects: int = _option(200, "subjects of the probe cohort")
+    shift_profile: str = _option("ge", "vendor profile the probe hearts are also rendered with")
+    geometry: tuple[str, ...] = dataclasses.field(default=tuple(DEFAULT_GEOMETRY), metadata={"fixed": True})
+    """The input geometry (data_prep.prepare arguments); fixed by the stand-in's input size, not an option."""
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return [field for field in dataclasses.fields(cls) if not field.metadata.get("fixed")]
+
+
+class ProgressLine(pl.Callback):
+    """Prints one line after each validated epoch: epoch, training loss, validation R², elapsed time."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % (trainer.check_val_every_n_epoch or 1):
+            return
+        metrics = trainer.callback_metrics
+        loss, r2 = float(metrics.get("train_loss", math.nan)), float(metrics.get("val_r2_mean", math.nan))
+        elapsed = time.monotonic() - self.started
+        _print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
+            f"train loss {loss:.3f}, val R² {r2:.3f}, {elapsed:.0f} s"
+        )
+
+
+def reproducing_command(settings: PretrainSettings, out_dir: Path) -> str:
+    """The `python -m app.pretrain` command line that makes this stand-in again."""
+    arguments = [] if Path(out_dir).resolve() == STANDIN_DIR else ["--out", str(out_dir)]
+    for field in PretrainSettings.options():
+        arguments += [f"--{field.name.replace('_', '-')}", str(getattr(settings, field.name))]
+    return shlex.join(["python", "-m", "app.pretrain", *arguments])
+
+
+def train_backbone(settings: PretrainSettings, prepared: Path, work: Path) -> tuple[ConvViT, dict[str, float]]:
+    """Pretrain the ConvViT on the prepared Siemens cohort; returns it and its held-out regression figures."""
     from data_prep.datamodule import VendorDataModule
 
-    torch.set_num_threads(1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prepared = synthesize_and_prepare(out_dir / "cohort", seed, subjects_per_vendor, prepare_options)
-    namespace_subject_ids(prepared, f"pretrain{seed}_")
-    disjointness = assert_disjoint(prepared, federated_roots)
-    classes = pathology_classes(read_manifest(prepared / "manifest.csv"), target)
-    pl.seed_everything(seed, workers=True)
-    config = ConvViTConfig.preset(preset, n_classes=len(classes))
-    module = PathologyPretrainer(config, classes, lr=lr, target=target)
-    data = VendorDataModule(str(prepared), clients=None, batch_size=batch_size, augment=True, seed=seed)
+    rows = read_manifest(prepared / "manifest.csv")
+    values = cohort_phenotypes(work / "pretraining" / "raw", prepared)
+    targets = standardised(values, [row["subject_id"] for row in rows if row["split"] == "train"])
+    groups = sorted({pathology_group(row["pathology"], row["subject_id"]) for row in rows if row["split"] == "train"})
+    pl.seed_everything(settings.seed, workers=True)
+    config = ConvViTConfig.preset(settings.preset)
+    module = StandInPretrainer(config, targets, groups, settings.objective, lr=settings.lr)
+    data = VendorDataModule(
+        str(prepared), clients=None, batch_size=settings.batch_size, seed=settings.seed, transform=size_preserving
+    )
     trainer = pl.Trainer(
-        max_epochs=epochs,
+        max_epochs=settings.epochs,
         accelerator="cpu",
         devices=1,
         deterministic=True,
+        check_val_every_n_epoch=10,
         **QUIET_TRAINER_KWARGS,
-        default_root_dir=str(out_dir / "lightning"),
+        default_root_dir=str(work / "lightning"),
+        callbacks=[ProgressLine()],
     )
     trainer.fit(module, datamodule=data)
-    val_metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val_")}
-    test_metrics = {
-        key: float(value) for key, value in trainer.test(module, datamodule=data, verbose=False)[0].items()
-    }
+    figures = {key: round(float(value), 4) for key, value in trainer.callback_metrics.items() if "r2_mean" in key}
+    tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    figures.update({key: round(float(value), 4) for key, value in tested.items() if key.startswith("test_r2")})
+    return module.model, figures
 
-    weights = save_cinema(downstream_model(module.model, seed), out_dir / WEIGHTS_NAME)
-    config_path = out_dir / CONFIG_NAME
-    config_path.write_text(
-        yaml.safe_dump(cinema_config(preset, config, seed, voxel_spacing(prepared)), sort_keys=False), encoding="utf-8"
+
+def pretrain(out_dir: Path, work: Path, settings: PretrainSettings, disjoint_from: Sequence[Path] = ()) -> dict:
+    """Run the recipe end to end; returns the record also written to out_dir/record.json."""
+    torch.set_num_threads(2)
+    started = time.monotonic()
+    geometry = list(settings.geometry)
+    prepared = cohort(work, "pretraining", settings.seed, settings.subjects, geometry)
+    namespace_subject_ids(prepared, f"pretrain{settings.seed}_")
+    probe_root = cohort(work, "probe", settings.probe_seed, settings.probe_subjects, geometry)
+    shifted_root = cohort(
+        work,
+        f"probe_{settings.shift_profile}",
+        settings.probe_seed,
+        settings.probe_subjects,
+        geometry,
+        settings.shift_profile,
     )
-    load_cinema(weights, ConvViTConfig.preset(preset, n_classes=len(DOWNSTREAM_CLASSES)))  # the downstream path
+    disjointness = assert_disjoint(prepared, [probe_root, *disjoint_from])
+    trained, regression = train_backbone(settings, prepared, work)
+    pretrain_seconds = time.monotonic() - started
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = save_cinema(downstream_model(trained, settings.seed), out_dir / WEIGHTS_NAME)
+    config = ConvViTConfig.preset(settings.preset, n_classes=len(DOWNSTREAM_CLASSES))
+    yaml_text = yaml.safe_dump(cinema_config(settings.preset, config, settings.seed, voxel_spacing(prepared)))
+    write_text_atomic(out_dir / CONFIG_NAME, yaml_text)
+    standin = load_cinema(weights, out_dir / CONFIG_NAME)  # exactly the path every downstream user takes
+    probe = probe_backbone(standin, probe_root, shifted_root, seed=settings.probe_seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        random_probe = probe_backbone(ConvViT(config), probe_root, shifted_root, seed=settings.probe_seed)
     record = {
-        "stand_in_for": "CineMA pretrained weights (not downloadable here); NOT CineMA",
-        "recipe": "supervised pathology classes, full ConvViT training, separate synthetic cohort",
-        "target": target,
-        "preset": preset,
-        "seed": seed,
-        "cohort_seed": seed,
-        "subjects_per_vendor": subjects_per_vendor,
-        "classes": classes,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "disjoint_from": [str(path) for path in federated_roots],
+        "stand_in_for": "CineMA's pretrained weights (not downloadable here); NOT CineMA",
+        "recipe": (
+            f"full ConvViT training on {settings.objective} of a separate Siemens-only synthetic cohort "
+            "(phenotypes computed from the ED/ES label maps), size-preserving augmentation"
+        ),
+        "command": reproducing_command(settings, out_dir),
+        "settings": dataclasses.asdict(settings),
+        "seeds": {"pretraining_cohort": settings.seed, "training": settings.seed, "probe_cohort": settings.probe_seed},
+        "phenotypes": list(PHENOTYPES),
+        "pathology_groups": PATHOLOGY_GROUPS,
+        "prepare_args": geometry,
+        "weights": WEIGHTS_NAME,
+        "weights_sha256": file_sha256(weights),
+        "pretraining_seconds": round(pretrain_seconds),
+        "pretraining_regression": regression,
         "disjointness_checked": disjointness,
-        "val": val_metrics,
-        "test": test_metrics,
-        "weights": weights.name,
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "probe": {
+            "protocol": (
+                "frozen features (mean fused patch token + CLS), standardised; class-balanced logistic regression; "
+                f"stratified 5-fold CV on a fresh Siemens-only cohort (seed {settings.probe_seed}); shifted = the "
+                f"same hearts rendered with the {settings.shift_profile} profile"
+            ),
+            "standin": probe,
+            "random_backbone_same_shape": random_probe,
+        },
         "heads": "re-initialised (seeded) for 2 classes NOR / ABN; only the backbone is pretrained",
+        "pretraining_volume_sha256": volume_digests(prepared),
     }
-    (out_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out_dir / RECORD_NAME, record)
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_arguments(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, PretrainSettings]:
+    """The command line's paths and the settings it gives (every PretrainSettings option, by its field name)."""
     parser = argparse.ArgumentParser(prog="python -m app.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, required=True, help="checkpoint directory (model.safetensors, config.yaml)"
-    )
-    parser.add_argument("--seed", type=int, required=True, help="seed of the pretraining cohort and of the training")
+    parser.add_argument("--out", type=Path, default=STANDIN_DIR, help="where model.safetensors, config.yaml go")
+    parser.add_argument("--work", type=Path, default=Path("runs/standin"), help="cohorts and training logs")
+    for field in PretrainSettings.options():
+        extra = {key: value for key, value in field.metadata.items() if key != "help"}
+        flag = f"--{field.name.replace('_', '-')}"
+        parser.add_argument(
+            flag, type=type(field.default), default=field.default, help=field.metadata["help"], **extra
+        )
     parser.add_argument(
         "--disjoint-from",
         type=Path,
         action="append",
-        required=True,
-        metavar="PREPARED",
-        help="a federated cohort's prepared root; no pretraining subject may be in it (repeatable)",
-    )
-    parser.add_argument("--preset", default="micro", choices=PRESET_NAMES, help="ConvViT preset")
-    parser.add_argument("--subjects-per-vendor", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--target", default=DEFAULT_TARGET, choices=sorted(PRETRAINING_TARGETS), help="what the backbone learns"
-    )
-    parser.add_argument(
-        "--prepare-option",
-        action="append",
         default=[],
-        metavar="ARG",
-        help="extra argument passed to data_prep.prepare, e.g. --prepare-option=--crop=64,64,8",
+        metavar="PREPARED",
+        help="another prepared root that must share no subject with the pretraining cohort (repeatable)",
     )
     args = parser.parse_args(argv)
-    record = pretrain(
-        args.out,
-        args.seed,
-        args.disjoint_from,
-        args.preset,
-        args.subjects_per_vendor,
-        args.epochs,
-        args.batch_size,
-        args.lr,
-        args.prepare_option,
-        args.target,
-    )
-    print(json.dumps({key: record[key] for key in ("classes", "val", "test", "weights_sha256")}, indent=2))
+    return args, PretrainSettings(**{field.name: getattr(args, field.name) for field in PretrainSettings.options()})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, settings = parse_arguments(argv)
+    record = pretrain(args.out, args.work, settings, args.disjoint_from)
+    print({key: record[key] for key in ("weights_sha256", "pretraining_seconds", "pretraining_regression")})
+    print("stand-in probe:", record["probe"]["standin"])
+    print("random backbone probe:", record["probe"]["random_backbone_same_shape"])
     return 0
 
 

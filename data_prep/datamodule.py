@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -84,7 +84,10 @@ def _seed_worker_transform(worker_id: int) -> None:
 
 
 class VendorDataModule(L.LightningDataModule):
-    """Train/val/test loaders for one site (`clients=["ge"]`), several, or all pooled (`clients=None`)."""
+    """Train/val/test loaders for one site (`clients=["ge"]`), several, or all pooled (`clients=None`).
+
+    `transform(crop, seed)` builds the training augmentation (default: CineMA's recipe, `training_transform`).
+    """
 
     def __init__(
         self,
@@ -94,6 +97,7 @@ class VendorDataModule(L.LightningDataModule):
         augment: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        transform: Callable[[tuple[int, int], int], Compose] = training_transform,
     ) -> None:
         super().__init__()
         if root is None:
@@ -116,6 +120,7 @@ class VendorDataModule(L.LightningDataModule):
             raise ValueError(f"no training rows for clients {wanted} in {manifest}")
         self.batch_size = batch_size
         self.augment = augment
+        self.transform = transform
         self.num_workers = num_workers
         self.seed = seed
         self.datasets: dict[str, CachedVolumes] = {}
@@ -139,7 +144,7 @@ class VendorDataModule(L.LightningDataModule):
             transform = None
             if split == "train" and self.augment:
                 first = read_volume(self.root / self.rows["train"][0]["image"])
-                transform = training_transform((first.shape[1], first.shape[2]), self.seed)
+                transform = self.transform((first.shape[1], first.shape[2]), self.seed)
             self.datasets[split] = CachedVolumes(self.root, self.rows[split], transform)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

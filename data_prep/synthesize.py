@@ -39,6 +39,7 @@ from data_prep.vendors import (
     MNMS_TRAINING_CODES,
     MNMS_VENDOR_FIELDS,
     PROFILES,
+    VendorProfile,
     largest_remainder,
 )
 
@@ -153,27 +154,35 @@ def _with(plan: SubjectPlan, pid: str, folder: str) -> SubjectPlan:
     return SubjectPlan(plan.vendor, plan.dataset, plan.pathology, plan.index, pid, folder)
 
 
-def plan_cohort(seed: int, subjects_per_vendor: int) -> list[SubjectPlan]:
-    """The whole cohort plan (deterministic for a seed)."""
+def plan_cohort(seed: int, subjects_per_vendor: int, vendors: Sequence[str] = CLIENTS) -> list[SubjectPlan]:
+    """The whole cohort plan (deterministic for a seed and a vendor list), vendors in CLIENTS order."""
+    unknown = sorted(set(vendors) - set(CLIENTS))
+    if unknown or not vendors:
+        raise ValueError(f"--vendors {list(vendors)}: choose one or more of {', '.join(CLIENTS)}")
     if subjects_per_vendor < 1:
         raise ValueError("--subjects-per-vendor must be at least 1")
     if subjects_per_vendor > 400:
         raise ValueError("--subjects-per-vendor above 400 would overflow the 3-digit M&Ms-2 ids")
     rng = np.random.default_rng([seed, 0])
-    plans = [plan for vendor in CLIENTS for plan in plan_vendor(vendor, subjects_per_vendor, rng)]
+    chosen = [vendor for vendor in CLIENTS if vendor in vendors]
+    plans = [plan for vendor in chosen for plan in plan_vendor(vendor, subjects_per_vendor, rng)]
     return _assign_ids(plans, rng)
 
 
-def _appearance(vendor: str, rng: np.random.Generator) -> Appearance:
-    profile = PROFILES[vendor]
+def _appearance(profile: VendorProfile, rng: np.random.Generator) -> Appearance:
     dtype = np.float32 if rng.random() < profile.float_fraction else np.int16
     return Appearance(dtype, float(rng.uniform(*profile.max_value)) / 1.5)
 
 
-def synthesize_subject(plan: SubjectPlan, seed: int, out: Path) -> list[object]:
-    """Render and write one subject; returns its metadata CSV row (M&Ms-1 / M&Ms-2) or an empty list (ACDC)."""
+def synthesize_subject(plan: SubjectPlan, seed: int, out: Path, render_profile: str | None = None) -> list[object]:
+    """Render and write one subject; returns its metadata CSV row (M&Ms-1 / M&Ms-2) or an empty list (ACDC).
+
+    `render_profile` renders the subject with another vendor's acquisition and appearance profile. The heart is
+    drawn first from the subject's own generator, so it is the same heart whatever the profile; the dataset,
+    files and metadata (vendor fields) stay those of the plan.
+    """
     rng = np.random.default_rng([seed, 1, plan.index])
-    profile = PROFILES[plan.vendor]
+    profile = PROFILES[render_profile or plan.vendor]
     heart = sample_heart(plan.pathology, rng)
     if plan.dataset == "acdc":
         field_3t = rng.random() < profile.field_3t_fraction
@@ -186,7 +195,7 @@ def synthesize_subject(plan: SubjectPlan, seed: int, out: Path) -> list[object]:
     else:
         field_3t, step = False, 10.0
     acq = sample_acquisition(profile, heart, rng, step, FRAMES[plan.dataset], field_3t, HEART_ANGLE[plan.dataset])
-    appearance = _appearance(plan.vendor, rng)
+    appearance = _appearance(profile, rng)
     cine = render_sax(heart, acq, rng)
     if plan.dataset == "acdc":
         info = {"Group": plan.pathology, "Height": f"{rng.normal(172, 9):.1f}", "Weight": f"{rng.normal(78, 14):.1f}"}
@@ -217,14 +226,23 @@ def _height_weight(rng: np.random.Generator) -> list[str]:
     return [f"{rng.normal(170, 9):.0f}", f"{rng.normal(77, 14):.1f}"]
 
 
-def _synthesize_task(task: tuple[SubjectPlan, int, Path]) -> list[object]:
+def _synthesize_task(task: tuple[SubjectPlan, int, Path, str | None]) -> list[object]:
     return synthesize_subject(*task)
 
 
-def synthesize(out: Path, seed: int, subjects_per_vendor: int, workers: int = 1) -> list[SubjectPlan]:
+def synthesize(
+    out: Path,
+    seed: int,
+    subjects_per_vendor: int,
+    workers: int = 1,
+    vendors: Sequence[str] = CLIENTS,
+    render_profile: str | None = None,
+) -> list[SubjectPlan]:
     """Write the whole cohort under `out` and return its plan (identical output for any number of workers)."""
-    plans = plan_cohort(seed, subjects_per_vendor)
-    tasks = [(plan, seed, out) for plan in plans]
+    if render_profile is not None and render_profile not in PROFILES:
+        raise ValueError(f"--render-profile {render_profile!r}: choose one of {', '.join(PROFILES)}")
+    plans = plan_cohort(seed, subjects_per_vendor, vendors)
+    tasks = [(plan, seed, out, render_profile) for plan in plans]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             rows = pool.map(_synthesize_task, tasks, chunksize=1)
@@ -249,7 +267,7 @@ def synthesize(out: Path, seed: int, subjects_per_vendor: int, workers: int = 1)
 def class_counts(plans: Sequence[SubjectPlan]) -> str:
     """Per-vendor class counts of a plan, one line per vendor."""
     lines = []
-    for vendor in CLIENTS:
+    for vendor in sorted({p.vendor for p in plans}, key=CLIENTS.index):
         counts = Counter(p.pathology for p in plans if p.vendor == vendor)
         datasets = Counter(p.dataset for p in plans if p.vendor == vendor)
         healthy = counts.get("NOR", 0)
@@ -266,9 +284,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subjects-per-vendor", type=int, default=DEFAULT_SUBJECTS_PER_VENDOR)
     parser.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
+    parser.add_argument(
+        "--vendors",
+        nargs="+",
+        default=list(CLIENTS),
+        choices=CLIENTS,
+        help="restrict the cohort to these vendors (e.g. `--vendors siemens` for a Siemens-only cohort)",
+    )
+    parser.add_argument(
+        "--render-profile",
+        default=None,
+        choices=sorted(PROFILES),
+        help="render every subject with this vendor's acquisition and appearance profile (same hearts, same files)",
+    )
     args = parser.parse_args(argv)
     try:
-        plans = synthesize(args.out, args.seed, args.subjects_per_vendor, args.workers)
+        plans = synthesize(
+            args.out, args.seed, args.subjects_per_vendor, args.workers, args.vendors, args.render_profile
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

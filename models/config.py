@@ -20,6 +20,7 @@ CINEMA_SIZES: dict[str, tuple[int, int, int]] = {
 }
 CPU_PRESETS: dict[str, dict[str, Any]] = {
     "small": {"embed_dim": 192, "depth": 12, "n_heads": 3, "image_size": (96, 96, 16)},
+    "mini": {"embed_dim": 64, "depth": 6, "n_heads": 4, "conv_chans": (16, 32), "image_size": (64, 64, 8)},
     "micro": {"embed_dim": 32, "depth": 4, "n_heads": 2, "conv_chans": (8, 16), "image_size": (64, 64, 8)},
 }
 PRESET_NAMES = (*CINEMA_SIZES, *CPU_PRESETS)
@@ -106,7 +107,7 @@ class ConvViTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ConvViTConfig:
-        """CineMA `tiny` / `base` / `large` / `huge` (192x192x16) or CPU `small` / `micro`, with field overrides."""
+        """CineMA `tiny` / `base` / `large` / `huge` (192x192x16) or CPU `small` / `mini` / `micro`, with overrides."""
         if name in CINEMA_SIZES:
             embed_dim, depth, n_heads = CINEMA_SIZES[name]
             fields: dict[str, Any] = {"embed_dim": embed_dim, "depth": depth, "n_heads": n_heads}

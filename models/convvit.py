@@ -193,6 +193,13 @@ class ConvViT(nn.Module):
 
     def forward_suffix(self, prefix: PrefixFeatures, start_block: int) -> torch.Tensor:
         """Run encoder blocks from `start_block` on, the final norm, the multi-scale fusion and both heads."""
+        pooled_patches, cls_token = self.suffix_features(prefix, start_block)
+        logits_patch = self.pred_head_dict[VIEW](pooled_patches)
+        logits_cls = self.pred_head_dict["cls"](cls_token)
+        return torch.stack((logits_patch, logits_cls), dim=1).mean(dim=1)
+
+    def suffix_features(self, prefix: PrefixFeatures, start_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the two heads read: the mean fused patch token and the CLS token, each (B, embed_dim)."""
         self._check_block_index("start_block", start_block)
         tokens = prefix.tokens
         for block in self.encoder.blocks[start_block:]:
@@ -200,9 +207,11 @@ class ConvViT(nn.Module):
         tokens = self.encoder.norm(tokens)
         cls_token, patch_tokens = tokens[:, 0], tokens[:, 1:]
         patch_tokens = self.enc_fusion_dict[VIEW](patch_tokens, prefix.skip_tokens)
-        logits_patch = self.pred_head_dict[VIEW](patch_tokens.mean(dim=1))
-        logits_cls = self.pred_head_dict["cls"](cls_token)
-        return torch.stack((logits_patch, logits_cls), dim=1).mean(dim=1)
+        return patch_tokens.mean(dim=1), cls_token
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen-feature representation (B, 2 * embed_dim): mean fused patch token, then CLS token."""
+        return torch.cat(self.suffix_features(self.forward_prefix(x, 0), 0), dim=1)
 
     def _check_block_index(self, name: str, index: int) -> None:
         if not 0 <= index <= self.config.depth:

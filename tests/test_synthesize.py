@@ -14,7 +14,7 @@ from data_prep.layouts import oblique_affine
 from data_prep.phantom import contraction_phase, render_sax, sample_acquisition
 from data_prep.records import LV_LABEL
 from data_prep.synthesize import main as synthesize_main
-from data_prep.synthesize import plan_cohort, synthesize_subject
+from data_prep.synthesize import plan_cohort, synthesize, synthesize_subject
 from data_prep.vendors import PROFILES
 
 
@@ -84,6 +84,39 @@ def test_subject_rendering_is_deterministic(tmp_path: Path) -> None:
         first, second = nib.load(tmp_path / "a" / relative), nib.load(tmp_path / "b" / relative)
         assert np.array_equal(np.asanyarray(first.dataobj), np.asanyarray(second.dataobj))
         assert np.array_equal(first.affine, second.affine)
+
+
+def test_vendor_restriction_keeps_the_vendor_and_its_datasets() -> None:
+    plans = plan_cohort(5, 30, vendors=["siemens"])
+    assert {p.vendor for p in plans} == {"siemens"} and len(plans) == 30
+    assert {p.dataset for p in plans} == {"acdc", "mnms", "mnms2"}
+    # Siemens comes first in the full cohort, so restricting to it keeps exactly its subjects.
+    assert [(p.dataset, p.pathology) for p in plans] == [
+        (p.dataset, p.pathology) for p in plan_cohort(5, 30) if p.vendor == "siemens"
+    ]
+    with pytest.raises(ValueError, match="--vendors"):
+        plan_cohort(5, 30, vendors=["toshiba"])
+
+
+def test_render_profile_draws_the_same_heart_with_another_appearance(tmp_path: Path) -> None:
+    """Same plan, same heart (label-map phenotypes agree), other scanner (spacing, contrast and noise differ)."""
+    from data_prep.phenotypes import subject_phenotypes
+    from data_prep.readers import discover
+    from data_prep.records import LabelRule
+
+    plan = next(p for p in plan_cohort(3, 4, vendors=["siemens"]) if p.dataset == "acdc")
+    synthesize_subject(plan, 3, tmp_path / "own")
+    synthesize_subject(plan, 3, tmp_path / "ge", render_profile="ge")
+    own, other = (discover([tmp_path / name], LabelRule()).records[0] for name in ("own", "ge"))
+    assert own.subject_id == other.subject_id and own.pathology == other.pathology
+    a, b = subject_phenotypes(own), subject_phenotypes(other)
+    for name in ("lv_edv_ml", "rv_edv_ml", "myo_ed_ml"):
+        assert b[name] == pytest.approx(a[name], rel=0.15), name
+    spacing = [nib.load(record.ed_image.path).header.get_zooms()[0] for record in (own, other)]
+    assert PROFILES["siemens"].spacing_mm[0] <= spacing[0] <= PROFILES["siemens"].spacing_mm[1]
+    assert PROFILES["ge"].spacing_mm[0] <= spacing[1] <= PROFILES["ge"].spacing_mm[1]
+    with pytest.raises(ValueError, match="--render-profile"):
+        synthesize(tmp_path / "x", seed=0, subjects_per_vendor=1, render_profile="nope")
 
 
 def test_per_vendor_class_mix_follows_real_counts() -> None:
