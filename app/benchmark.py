@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -17,10 +16,12 @@ import torch
 
 from app.benchmark_runs import METHODS
 from app.cohort_steps import prepare_split, synthesize
-from app.pretrain import DEFAULT_EPOCHS, DEFAULT_TARGET, PRETRAINING_TARGETS
+from app.pretrain import assert_disjoint_from_standin
 from app.report import write_report
+from models import standin
 from models.atomic_io import write_json_atomic, write_text_atomic
 from models.config import ConvViTConfig
+from models.standin import STANDIN, prepare_args
 
 MARKER_NAME = "run_record.json"
 """Written atomically as the last step of a run: a run directory holding it is finished and is never redone."""
@@ -160,32 +161,6 @@ def geometry_options(backbone: str) -> list[str]:
     return ["--crop", str(x), str(y), "--depth", str(z), "--spacing", f"{spacing:g}", f"{spacing:g}", "10"]
 
 
-def pretrained_backbone(
-    args: argparse.Namespace,
-    out_dir: Path,
-    federated_roots: Sequence[Path],
-    options: Sequence[str],
-    log: Callable[[str], None],
-) -> Path:
-    """The stand-in pretrained backbone (app.pretrain), made once under out_dir/backbone."""
-    from app.pretrain import RECORD_NAME, WEIGHTS_NAME, pretrain
-
-    backbone_dir = out_dir / "backbone"
-    if not (backbone_dir / RECORD_NAME).exists():
-        log(f"pretraining the stand-in backbone (seed {args.pretrain_seed}) in {backbone_dir}")
-        pretrain(
-            backbone_dir,
-            args.pretrain_seed,
-            federated_roots,
-            args.backbone,
-            args.pretrain_subjects_per_vendor,
-            args.pretrain_epochs,
-            prepare_options=options,
-            target=args.pretrain_target,
-        )
-    return backbone_dir / WEIGHTS_NAME
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m app.benchmark", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="benchmark directory (created; resumed if it exists)")
@@ -214,21 +189,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=40,
         help="size of the synthesized cohort (40: 8 test subjects a site)",
     )
-    parser.add_argument("--weights", type=Path, help="a CineMA .safetensors backbone (default: pretrain a stand-in)")
-    parser.add_argument("--pretrain-seed", type=int, default=1000, help="seed of the pretraining cohort and run")
-    parser.add_argument("--pretrain-subjects-per-vendor", type=int, default=100)
-    parser.add_argument("--pretrain-epochs", type=int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--pretrain-target", default=DEFAULT_TARGET, choices=sorted(PRETRAINING_TARGETS))
-    parser.add_argument("--backbone", default="micro", help="ConvViT preset (micro for CPU)")
+    parser.add_argument(
+        "--weights",
+        default=STANDIN,
+        help="standin (default: the committed stand-in backbone), random, or a CineMA .safetensors path",
+    )
+    parser.add_argument("--backbone", default=None, help="ConvViT preset for --weights random or a bare checkpoint")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--simulator-threads", type=int, default=2, help="sites trained in parallel (threads)")
-    args = parser.parse_args(argv)
-    if args.pretrain_seed == args.cohort_seed:
-        parser.error("--pretrain-seed must differ from --cohort-seed: the pretraining cohort must be a separate one")
-    return args
+    return parser.parse_args(argv)
 
 
 def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
@@ -252,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    options = geometry_options(args.backbone)
+    options = prepare_args() if args.weights == STANDIN else geometry_options(args.backbone or "micro")
     if args.prepared:
         prepared_roots = dict.fromkeys(args.seeds, args.prepared.resolve())
     else:
@@ -265,13 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed: prepare_split(raw, out_dir / "data" / f"prepared_seed{seed}", seed, options, log)
             for seed in args.seeds
         }
-    federated_roots = sorted(set(prepared_roots.values()))
-    weights = (
-        args.weights.resolve() if args.weights else pretrained_backbone(args, out_dir, federated_roots, options, log)
-    )
+    if args.weights == STANDIN:
+        for root in sorted(set(prepared_roots.values())):
+            assert_disjoint_from_standin(root)
     settings = RunSettings(
         prepared_roots=prepared_roots,
-        weights=weights,
+        weights=args.weights,
         backbone=args.backbone,
         rounds=args.rounds,
         local_epochs=args.local_epochs,
@@ -288,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=log,
         keep_going=True,
     )
-    header = summary_header(args, argv, weights, progress)
+    header = summary_header(args, argv, progress)
     notes = {method: METHODS[method].description for method in args.methods}
     if progress.records:
         write_report(progress.records, out_dir, notes, header, log=log)
@@ -297,9 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if progress.failed else 0
 
 
-def summary_header(
-    args: argparse.Namespace, argv: Sequence[str] | None, weights: Path, progress: Progress
-) -> list[str]:
+def summary_header(args: argparse.Namespace, argv: Sequence[str] | None, progress: Progress) -> list[str]:
     """The first lines of summary.md: the command, the seeds, the settings and what the backbone is."""
     command = " ".join(["python -m app.benchmark", *(sys.argv[1:] if argv is None else argv)])
     lines = [
@@ -309,23 +278,20 @@ def summary_header(
         "",
         f"Seeds: {' '.join(map(str, args.seeds))} (each sets the split, the adapter initialisation and the data "
         f"order; the cohort is fixed{' and so is the split: --prepared' if args.prepared else ''}).",
-        f"Federation: {args.rounds} rounds x {args.local_epochs} local epoch(s), 4 sites, backbone "
-        f"`{args.backbone}`, lr {args.lr}, batch {args.batch_size}.",
+        f"Federation: {args.rounds} rounds x {args.local_epochs} local epoch(s), 4 sites, lr {args.lr}, "
+        f"batch {args.batch_size}.",
     ]
-    record = weights.with_name("pretrain.json")
-    if not args.weights and record.exists():
-        pretrain = json.loads(record.read_text(encoding="utf-8"))
-        test = pretrain["test"]
+    if args.weights == STANDIN:
+        record = standin.read_record()
+        probe = record["probe"]["standin"]
         lines.append(
-            f"Backbone: a stand-in for CineMA, NOT CineMA: `{args.backbone}` ConvViT fully trained by `app.pretrain` "
-            f"on `{pretrain['target']}` ({', '.join(pretrain['classes'])}) of a separate synthetic cohort "
-            f"({pretrain['subjects_per_vendor']} subjects a vendor, seed {pretrain['seed']}, disjoint from the "
-            f"federated cohort, checked) for {pretrain['epochs']} epochs; on that cohort's test split it reached "
-            f"accuracy {test.get('test_accuracy', math.nan):.3f}, "
-            f"macro recall {test.get('test_macro_recall', math.nan):.3f}."
+            f"Backbone: the committed stand-in for CineMA, NOT CineMA (models/pretrained/standin, sha256 "
+            f"{record['weights_sha256'][:12]}): `{record['settings']['preset']}` ConvViT pretrained on "
+            f"{record['settings']['objective']} of a separate Siemens-only cohort; frozen-feature probe AUROC "
+            f"{probe['auroc']:.3f}, pathology-group macro recall {probe['group_macro_recall']:.3f}."
         )
-    elif args.weights:
-        lines.append(f"Backbone: `{args.weights}`.")
+    else:
+        lines.append(f"Backbone: `{args.weights}` ({args.backbone or 'its config'}).")
     for spec, message in progress.failed:
         lines.append(f"**Failed run, not in the tables**: {spec.method} seed {spec.seed}: {message}")
     return lines

@@ -89,8 +89,10 @@ class RunSettings:
     """What every run of a benchmark shares; `prepared_roots[seed]` is the prepared data of that seed's split."""
 
     prepared_roots: dict[int, Path]
-    weights: Path | None
-    backbone: str = "micro"
+    weights: str = "standin"
+    """`standin`, `random` or a checkpoint path (models.standin.resolve_backbone)."""
+    backbone: str | None = None
+    """ConvViT preset for `random` or a checkpoint without its config.yaml."""
     rounds: int = 5
     local_epochs: int = 1
     lr: float = 1e-3
@@ -126,8 +128,8 @@ def run_centralized(settings: RunSettings, seed: int, run_dir: Path) -> dict[str
         "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run_dir / 'lightning'}",
-        f"--model.backbone={settings.backbone}",
-        *([f"--model.weights={settings.weights}"] if settings.weights else []),
+        f"--model.weights={settings.weights}",
+        *([f"--model.backbone={settings.backbone}"] if settings.backbone else []),
         "--model.policy=fedit",
         f"--model.lr={settings.lr}",
         "--model.warmup_epochs=0",
@@ -174,15 +176,18 @@ def federation_config(method: MethodSpec, settings: RunSettings, seed: int, job_
     """The job configuration of one federated run (jobs.recipe.FederationConfig)."""
     from jobs.recipe import FederationConfig
     from models.config import ConvViTConfig
+    from models.standin import resolve_backbone
 
-    blocks = list(range(ConvViTConfig.preset(settings.backbone).depth)) if method.all_blocks else None
+    _, config = resolve_backbone(settings.weights)
+    model = ConvViTConfig.from_cinema_yaml(config) if config else ConvViTConfig.preset(settings.backbone or "micro")
+    blocks = list(range(model.depth)) if method.all_blocks else None
     return FederationConfig(
         method=method.policy,
         share_head=method.share_head,
         rounds=settings.rounds,
         local_epochs=settings.local_epochs,
         backbone=settings.backbone,
-        weights=str(settings.weights) if settings.weights else None,
+        weights=settings.weights,
         blocks=blocks,
         global_r=method.global_r,
         local_r=method.local_r,
@@ -368,6 +373,7 @@ def _evaluation(site: str, kind: str, metrics: dict, report: dict, client_kind: 
             "subject_ids": [entry["subject_id"] for entry in predictions],
             "labels": [int(entry["label"]) for entry in predictions],
             "scores": [float(entry["p_diseased"]) for entry in predictions],
+            "threshold": float(report["thresholds"][client_kind]),
         }
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: field predictions.{client_kind} is malformed ({error})") from error

@@ -1,9 +1,12 @@
 """`python -m app.demo --out runs/demo` (`make demo`): synthetic cohort -> NVFlare simulator run -> results table.
 
-It synthesizes and prepares a small multi-vendor cohort under OUT, runs the committed job with
+It synthesizes a multi-vendor cohort under OUT, prepares it to the committed stand-in backbone's input geometry
+(its record's `prepare_args`) with test splits of at least 25 subjects a site, checks that no subject was in the
+stand-in's pretraining cohort, runs the committed job with
 `nvflare simulator jobs/med_duallora -w OUT/ws -c siemens,philips,ge,canon -t 2`, checks from the artifacts (not
-the exit code) that the run completed, and prints per-site and mean scores of the personalised and the global-only
-model, with the bytes each site sent per round against the size of the full model.
+the exit code) that the run completed, and prints per-site and pooled test scores of the personalised and the
+global-only model (AUROC with 95 % bootstrap intervals; the rest at the validation thresholds), with the bytes each
+site sent per round against the size of the full model.
 """
 
 from __future__ import annotations
@@ -20,23 +23,32 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from app.client import parse_args
+from app.pretrain import assert_disjoint_from_standin
 from custom.site_state import STATE_ENV
 from jobs.recipe import REPO, SITES
 from jobs.simulate import SimulatorRun, run_simulator
+from models.atomic_io import write_json_atomic, write_text_atomic
+from models.metrics import bootstrap_auroc, detection_metrics
+from models.standin import prepare_args
 
 JOB = REPO / "jobs" / "med_duallora"
-MICRO_GEOMETRY = ["--crop", "64", "64", "--spacing", "2", "2", "10", "--depth", "8"]
-SUBJECTS_PER_VENDOR = 32
-SCORES = ("bal_acc", "sensitivity", "specificity", "auroc")
+SUBJECTS_PER_VENDOR = 64
+SPLIT_FRACTIONS = ["--val-fraction", "0.2", "--test-fraction", "0.4"]
+"""64 subjects a vendor: about 26 test, 13 validation and 25 training subjects a site."""
+SCORES = ("bal_acc", "sensitivity", "specificity")
 MODELS = ("personalised", "global_only")
 
 
 def prepare_cohort(out: Path, subjects_per_vendor: int, seed: int) -> Path:
-    """Synthesize the raw cohort and prepare it for the micro ConvViT (reused when already there, same settings)."""
+    """Synthesize the raw cohort and prepare it for the stand-in backbone (reused when already there, same
+    settings); refuses a cohort that shares a subject with the stand-in's pretraining cohort."""
     prepared = out / "prepared"
     stamp = out / "cohort.json"
-    settings = {"subjects_per_vendor": subjects_per_vendor, "seed": seed, "geometry": MICRO_GEOMETRY}
+    geometry = [*prepare_args(), *SPLIT_FRACTIONS]
+    settings = {"subjects_per_vendor": subjects_per_vendor, "seed": seed, "geometry": geometry}
     if (prepared / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         print(f"reusing the prepared cohort in {prepared}")
         return prepared
@@ -46,7 +58,8 @@ def prepare_cohort(out: Path, subjects_per_vendor: int, seed: int) -> Path:
     synthesize = ["-m", "data_prep.synthesize", "--out", str(out / "raw"), "--seed", str(seed), "--workers", "2"]
     _step("synthesizing", [python, *synthesize, "--subjects-per-vendor", str(subjects_per_vendor)])
     prepare = ["-m", "data_prep.prepare", "--raw", str(out / "raw"), "--out", str(prepared), "--seed", str(seed)]
-    _step("preparing", [python, *prepare, *MICRO_GEOMETRY, "--workers", "2"])
+    _step("preparing", [python, *prepare, *geometry, "--workers", "2"])
+    assert_disjoint_from_standin(prepared)
     stamp.write_text(json.dumps(settings))
     return prepared
 
@@ -61,24 +74,55 @@ def job_summary(run: SimulatorRun) -> str:
     client = json.loads((JOB / "app" / "config" / "config_fed_client.json").read_text(encoding="utf-8"))
     args = parse_args(shlex.split(client["executors"][0]["executor"]["args"]["task_script_args"]))
     rounds = len({record["round"] for record in run.comm_records("up")})
-    weights = f"weights {args.weights}" if args.weights else "random backbone (no pretrained weights: near chance)"
-    return f"{rounds} rounds x {args.local_epochs} local epochs, {args.backbone} ConvViT, {weights}"
+    weights = {
+        "standin": "the committed stand-in backbone (models/pretrained/standin, NOT CineMA)",
+        "random": "a RANDOM backbone (no pretrained weights: expect chance)",
+    }.get(args.weights, f"weights {args.weights}")
+    return f"{rounds} rounds x {args.local_epochs} local epochs, {weights}"
 
 
-def results_table(run: SimulatorRun) -> str:
-    """Per-site and mean test scores of the personalised and the global-only model."""
+def score_row(predictions: Sequence[dict], thresholds: Sequence[float], seed: int) -> dict[str, float]:
+    """AUROC with its bootstrap interval, and the threshold metrics, of subjects each decided at its own threshold."""
+    scores = [row["p_diseased"] for row in predictions]
+    labels = [row["label"] for row in predictions]
+    decisions = torch.tensor([float(p > t) for p, t in zip(scores, thresholds, strict=True)])
+    decided = detection_metrics(decisions, torch.tensor(labels), threshold=0.5)
+    auroc, low, high = bootstrap_auroc(scores, labels, seed=seed)
+    return {**{name: decided[name] for name in SCORES}, "auroc": auroc, "auroc_low": low, "auroc_high": high}
+
+
+def results(run: SimulatorRun) -> dict[str, dict[str, dict[str, float]]]:
+    """Per site and pooled (every subject scored by its own site's model at that model's threshold)."""
     reports = {site: run.test_metrics(site) for site in run.sites}
-    columns = "".join(f"{score[:11]:>12}" for score in SCORES)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for model in MODELS:
+        rows, pooled, pooled_thresholds = {}, [], []
+        for index, (site, report) in enumerate(reports.items()):
+            predictions, threshold = report["predictions"][model], report["thresholds"][model]
+            rows[site] = {**score_row(predictions, [threshold] * len(predictions), seed=index), "n": len(predictions)}
+            pooled += predictions
+            pooled_thresholds += [threshold] * len(predictions)
+        rows["pooled"] = {**score_row(pooled, pooled_thresholds, seed=len(reports)), "n": len(pooled)}
+        table[model] = rows
+    return table
+
+
+def results_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Per-site and pooled test scores of the personalised and the global-only model."""
+    header = f"{'AUROC [95% CI]':>22}" + "".join(f"{score[:11]:>12}" for score in SCORES)
     lines = [
-        f"{'':<17}{'personalised (global + local)':^48}{'global-only':^48}",
-        f"{'site':<10}{'n_test':>7}{columns}{columns}",
+        f"{'':<14}{'personalised (global + local adapter)':^58}  {'global-only (global adapter)':^58}",
+        f"{'site':<9}{'n':>5}{header}  {header}",
     ]
-    for site, report in reports.items():
-        cells = "".join(f"{_number(report['models'][model][score]):>12}" for model in MODELS for score in SCORES)
-        lines.append(f"{site:<10}{report['n_test']:>7}{cells}")
-    means = [_mean([r["models"][model][score] for r in reports.values()]) for model in MODELS for score in SCORES]
-    lines.append(f"{'mean':<10}{'':>7}" + "".join(f"{_number(m):>12}" for m in means))
+    for site in table[MODELS[0]]:
+        cells = "  ".join(_cells(table[model][site]) for model in MODELS)
+        lines.append(f"{site:<9}{table[MODELS[0]][site]['n']:>5}{cells}")
     return "\n".join(lines)
+
+
+def _cells(row: dict[str, float]) -> str:
+    interval = f"{_number(row['auroc'])} [{_number(row['auroc_low'])}, {_number(row['auroc_high'])}]"
+    return f"{interval:>22}" + "".join(f"{_number(row[score]):>12}" for score in SCORES)
 
 
 def bytes_table(run: SimulatorRun) -> str:
@@ -95,11 +139,6 @@ def bytes_table(run: SimulatorRun) -> str:
         row = f"{site:<10}{len(records):>7}{payload:>22,.0f}{records[0]['tensor_bytes']:>13,}{full:>12,}{share:>8}"
         lines.append(row)
     return "\n".join(lines)
-
-
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.mean(finite) if finite else math.nan
 
 
 def _number(value: float) -> str:
@@ -127,9 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"logs: {workspace}/*/log.txt and {out / 'simulator.log'}")
         return 1
     print(f"\nfederated run completed in {run.seconds:.0f} s (checked from its artifacts); {job_summary(run)}\n")
-    table = results_table(run) + "\n\nbytes each site sent per round (uplink):\n" + bytes_table(run)
+    scores = results(run)
+    table = results_table(scores) + "\n\nbytes each site sent per round (uplink):\n" + bytes_table(run)
     print(table)
-    (out / "results.txt").write_text(table + "\n")
+    write_text_atomic(out / "results.txt", table + "\n")
+    write_json_atomic(out / "results.json", scores)
     print(f"\nTensorBoard: tensorboard --logdir {run.server_dir / 'tb_events'}")
     print(f"table saved to {out / 'results.txt'}; server run folder {run.server_dir}")
     return 0

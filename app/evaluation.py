@@ -1,4 +1,5 @@
-"""Binary disease-detection metrics and their aggregates: per site, mean over sites, pooled, and over seeds."""
+"""The benchmark's per-subject scoring (through models.metrics) and its aggregates: per site, mean over sites,
+pooled, and over seeds."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-METRIC_NAMES: tuple[str, ...] = ("bal_acc", "sensitivity", "specificity", "auroc", "mcc", "f1")
-DECISION_THRESHOLD = 0.5
+from models.metrics import DEFAULT_THRESHOLD, METRIC_NAMES, detection_metrics
 
 
 @dataclass(frozen=True)
@@ -51,59 +52,20 @@ def _as_binary(values: Sequence[int], name: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator > 0 else math.nan
-
-
-def metrics_from_confusion(confusion: Confusion) -> dict[str, float]:
-    """Every threshold metric of one confusion matrix.
-
-    A metric whose denominator is empty is NaN (e.g. specificity on a split without healthy subjects), except
-    MCC, which is 0 when a whole row or column of the matrix is empty (the usual convention: no correlation can be
-    shown).
-    """
-    tn, fp, fn, tp = confusion.tn, confusion.fp, confusion.fn, confusion.tp
-    sensitivity = _ratio(tp, tp + fn)
-    specificity = _ratio(tn, tn + fp)
-    marginals = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
-    return {
-        "bal_acc": (sensitivity + specificity) / 2,
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "mcc": (tp * tn - fp * fn) / math.sqrt(marginals) if marginals > 0 else 0.0,
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-    }
-
-
-def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
-    """Area under the ROC curve as the Mann-Whitney probability P(score_pos > score_neg), ties counting one half.
-
-    NaN when the labels hold only one class.
-    """
+def binary_metrics(
+    labels: Sequence[int], scores: Sequence[float], thresholds: float | Sequence[float] = DEFAULT_THRESHOLD
+) -> dict[str, float]:
+    """All six metrics (models.metrics.detection_metrics, the code that scores every model) plus the confusion
+    counts, from per-subject labels and P(diseased) scores; each subject is called diseased when its score exceeds
+    its threshold (one for all, or one per subject: pooled rows mix sites' models and thresholds)."""
     truth = _as_binary(labels, "labels")
     values = np.asarray(scores, dtype=np.float64)
     if values.shape != truth.shape:
         raise ValueError(f"labels ({truth.size}) and scores ({values.size}) differ in length")
-    positives, negatives = values[truth == 1], values[truth == 0]
-    if positives.size == 0 or negatives.size == 0:
-        return math.nan
-    greater = (positives[:, None] > negatives[None, :]).sum()
-    equal = (positives[:, None] == negatives[None, :]).sum()
-    return float((greater + 0.5 * equal) / (positives.size * negatives.size))
-
-
-def binary_metrics(
-    labels: Sequence[int], scores: Sequence[float], predictions: Sequence[int] | None = None
-) -> dict[str, float]:
-    """All six metrics plus the confusion counts, from per-subject labels and P(diseased) scores.
-
-    Predictions default to `score > 0.5`, which equals the argmax of two logits (a tie goes to class 0, healthy).
-    """
-    if predictions is None:
-        predictions = (np.asarray(scores, dtype=np.float64) > DECISION_THRESHOLD).astype(np.int64)
-    confusion = Confusion.from_predictions(labels, predictions)
-    metrics = metrics_from_confusion(confusion)
-    metrics["auroc"] = auroc(labels, scores)
+    called = (values > np.broadcast_to(np.asarray(thresholds, dtype=np.float64), values.shape)).astype(np.int64)
+    confusion = Confusion.from_predictions(truth, called)
+    metrics = detection_metrics(torch.from_numpy(called.astype(np.float32)), torch.from_numpy(truth), 0.5)
+    metrics["auroc"] = detection_metrics(torch.from_numpy(values), torch.from_numpy(truth))["auroc"]
     counts = {"n": confusion.n, "tn": confusion.tn, "fp": confusion.fp, "fn": confusion.fn, "tp": confusion.tp}
     return {name: metrics[name] for name in METRIC_NAMES} | counts
 
@@ -125,13 +87,6 @@ def weighted_mean_over_sites(
         total = sum(weight for _, weight in pairs)
         result[name] = sum(value * weight for value, weight in pairs) / total if total > 0 else math.nan
     return result
-
-
-def pooled_metrics(site_predictions: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> dict[str, float]:
-    """Metrics over the test subjects of all sites together, as one test set."""
-    labels = [label for site_labels, _ in site_predictions.values() for label in site_labels]
-    scores = [score for _, site_scores in site_predictions.values() for score in site_scores]
-    return binary_metrics(labels, scores)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:

@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from app.evaluation import METRIC_NAMES, binary_metrics, mean_over_sites, mean_std  # noqa: E402
 from app.significance import PairedTest, compare_to_baselines  # noqa: E402
 from models.atomic_io import write_atomic, write_text_atomic  # noqa: E402
+from models.metrics import DEFAULT_THRESHOLD  # noqa: E402
 
 REFERENCE_METHOD = "med_duallora"
 POOLED_SITE = "pooled"
@@ -73,7 +74,8 @@ def result_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
             if all("labels" in evaluation for evaluation in evaluations):
                 labels = [label for evaluation in evaluations for label in evaluation["labels"]]
                 scores = [score for evaluation in evaluations for score in evaluation["scores"]]
-                scored[POOLED_SITE] = binary_metrics(labels, scores)
+                thresholds = [_threshold(evaluation) for evaluation in evaluations for _ in evaluation["scores"]]
+                scored[POOLED_SITE] = binary_metrics(labels, scores, thresholds)
             for site, metrics in scored.items():
                 row = {"method": record["method"], "seed": record["seed"], "site": site, "model_kind": kind}
                 row |= {"n_test": metrics["n"]} | {name: metrics[name] for name in RESULT_COLUMNS if name in metrics}
@@ -84,8 +86,13 @@ def result_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
 def _site_metrics(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics of one site's test split: from its per-subject scores, else as the client reported them (no pooling)."""
     if "labels" in evaluation:
-        return binary_metrics(evaluation["labels"], evaluation["scores"])
+        return binary_metrics(evaluation["labels"], evaluation["scores"], _threshold(evaluation))
     return {name: float(evaluation["metrics"][name]) for name in METRIC_NAMES} | {"n": int(evaluation["n"])}
+
+
+def _threshold(evaluation: Mapping[str, Any]) -> float:
+    """The decision threshold the site chose for this model on validation data (0.5 in records made before)."""
+    return float(evaluation.get("threshold", DEFAULT_THRESHOLD))
 
 
 def _cost_columns(record: RunRecord) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 
+from custom.site_state import state_digest
 from models.policy import get_policy
 
 SAMPLES_KEY = "num_train_samples"
@@ -85,7 +86,10 @@ class SharedKeyAggregator(ModelAggregator):
         metric_names = sorted({name for _, _, metrics in contributions for name in metrics})
         metrics = {name: _metric_mean([(w, m.get(name)) for w, _, m in contributions]) for name in metric_names}
         weights = {site: self._accepted[site][0] for site in sorted(self._accepted)}
-        summary = f"aggregated {len(params)} shared keys from {len(weights)} sites, sample weights {weights}"
+        summary = (
+            f"aggregated {len(params)} shared keys from {len(weights)} sites, sample weights {weights}, "
+            f"global model {state_digest(params)}"
+        )
         self.info(f"round {current_round}: {summary}")
         result = FLModel(
             params=params,

@@ -1,11 +1,26 @@
-"""FedAvg workflow that trains every connected site each round and completes a round without the ones that fail."""
+"""FedAvg workflow that trains every connected site each round, completes a round without the ones that fail, and
+ends with the two-stage final evaluation of custom.evaluation (pooled threshold, then test)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
+
+from custom.evaluation import (
+    CALIBRATE,
+    GLOBAL_THRESHOLD_FILE,
+    GLOBAL_THRESHOLD_KEY,
+    STAGE_KEY,
+    TEST,
+    pooled_threshold,
+    site_histogram,
+)
+from models.atomic_io import write_json_atomic
+
+EVALUATE_TASK = "validate"
 
 
 class ResilientFedAvg(FedAvg):
@@ -16,6 +31,10 @@ class ResilientFedAvg(FedAvg):
     for `straggler_wait_s` seconds; a failing site is logged and left out as long as `min_responses` remains
     reachable, otherwise the run stops. `round_timeout_s` (0 = none) bounds a whole round. `start_round`
     resumes the round count of an earlier run whose persisted global model the persistor loads.
+
+    After the last round the final global model goes to every site twice (`validate`): `calibrate` collects the
+    histograms of its validation scores and fixes its pooled threshold (written beside the global model as
+    global_threshold.json), `test` sends that threshold and collects the test metrics.
     """
 
     def __init__(
@@ -32,6 +51,47 @@ class ResilientFedAvg(FedAvg):
         self.min_responses = min_responses
         self.straggler_wait_s = straggler_wait_s
         self.round_timeout_s = round_timeout_s
+        self._final_model: FLModel | None = None
+
+    def save_model(self, model: FLModel) -> None:
+        """Persist the round's global model and keep it for the final evaluation."""
+        self._final_model = model
+        super().save_model(model)
+
+    def run(self) -> None:
+        super().run()
+        if self._final_model is not None and not self.abort_signal.triggered:
+            self.final_evaluation(self._final_model)
+
+    def _evaluate(self, model: FLModel, meta: dict) -> list[FLModel]:
+        sites = self.sample_clients(None)
+        data = FLModel(params=model.params, params_type=ParamsType.FULL, meta=meta)
+        return self.broadcast_model(
+            task_name=EVALUATE_TASK,
+            data=data,
+            targets=sites,
+            min_responses=min(self.min_responses, len(sites)),
+            timeout=self.round_timeout_s,
+            wait_time_after_min_received=self.straggler_wait_s,
+            blocking=True,
+        )
+
+    def final_evaluation(self, model: FLModel) -> None:
+        """Calibrate the global model's threshold on the sites' pooled validation histograms, then test it."""
+        replies = self._evaluate(model, {STAGE_KEY: CALIBRATE})
+        histograms = []
+        for reply in replies:
+            site = (reply.meta or {}).get("client_name", "?")
+            histogram = site_histogram(reply.metrics, site)
+            if histogram is not None:
+                histograms.append(histogram)
+        pooled = pooled_threshold(histograms)
+        if pooled is not None:
+            write_json_atomic(os.path.join(self.get_app_dir(), GLOBAL_THRESHOLD_FILE), pooled)
+            self.info(f"global model's pooled validation threshold: {pooled}")
+        threshold = pooled["threshold"] if pooled else None
+        for reply in self._evaluate(model, {STAGE_KEY: TEST, GLOBAL_THRESHOLD_KEY: threshold}):
+            self.info(f"final test metrics of {(reply.meta or {}).get('client_name', '?')}: {reply.metrics}")
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         sites = super().sample_clients(None)

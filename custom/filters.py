@@ -10,6 +10,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
+from custom.evaluation import VAL_HISTOGRAM_KEY, histogram_problem
 from models.policy import get_policy
 
 WEIGHT_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
@@ -24,8 +25,9 @@ class SharedKeysOnly(DXOFilter):
     """Keeps only the state-dict keys `policy.is_shared` allows; strips local adapters, frozen weights, unknown keys.
 
     Declare it by exact task name (`train`, plus `validate` / `submit_model` when those tasks run): NVFlare never
-    applies a filter declared with `["*"]`. Metrics results keep only plain scalar values, and any array or
-    tensor found in the metadata is dropped, so no weight can ride along outside the parameter dict. A weight
+    applies a filter declared with `["*"]`. Metrics results keep only plain scalar values and the final
+    evaluation's validation-score histogram (custom.evaluation), and any array or tensor found in the metadata is
+    dropped, so no weight can ride along outside the parameter dict. A weight
     result that would leave the site without a single shared key raises, so the run fails loudly rather than
     sending an empty update.
     """
@@ -51,7 +53,7 @@ class SharedKeysOnly(DXOFilter):
         if dxo.data_kind in WEIGHT_KINDS:
             data = self.keep_shared(dxo.data, fl_ctx)
         else:
-            data = {key: value for key, value in dxo.data.items() if isinstance(value, _SCALAR_TYPES)}
+            data = {key: value for key, value in dxo.data.items() if _declared_metric(key, value)}
             if len(data) != len(dxo.data):
                 self.log_warning(fl_ctx, f"stripped {len(dxo.data) - len(data)} non-scalar {dxo.data_kind} entries")
         return DXO(data_kind=dxo.data_kind, data=data, meta=meta)
@@ -65,6 +67,14 @@ class SharedKeysOnly(DXOFilter):
         if fl_ctx is not None:
             self.log_info(fl_ctx, f"{self.policy}: kept {len(kept)} shared keys, stripped {stripped}")
         return kept
+
+
+def _declared_metric(key: str, value: Any) -> bool:
+    """A plain scalar, or the final evaluation's validation-score histogram in its declared form (no subject's
+    score or id: counts per class and score bin, of at least MIN_HISTOGRAM_SUBJECTS subjects)."""
+    if isinstance(value, _SCALAR_TYPES):
+        return True
+    return key == VAL_HISTOGRAM_KEY and not histogram_problem(value)
 
 
 def _without_arrays(value: Any) -> Any:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -14,6 +16,17 @@ STATE_ENV = "MED_DUALLORA_STATE"
 STATE_FILE = "private_state.pt"
 
 logger = logging.getLogger(__name__)
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 of a state dict (names, dtypes, shapes and bytes, in key order): names a global model in the logs of
+    the server that made it and of the sites that trained from it."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = torch.as_tensor(state[key]).detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}:".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def site_state_dir(run_name: str, site: str, root: str | None = None) -> str:

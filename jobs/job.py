@@ -32,9 +32,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share-head", choices=("default", "yes", "no"), default="default")
     parser.add_argument("--rounds", type=int, default=FederationConfig.rounds)
     parser.add_argument("--local-epochs", type=int, default=FederationConfig.local_epochs)
-    parser.add_argument("--backbone", default=FederationConfig.backbone, help="micro (demo), small, base, ...")
+    parser.add_argument("--backbone", default=None, help="ConvViT preset for --weights random or a bare checkpoint")
     parser.add_argument("--real", action="store_true", help="CineMA-base with pretrained weights at every site")
-    parser.add_argument("--weights", default=None, help="site-local .safetensors path ($VARS expanded at the site)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="standin (default; the committed stand-in), random (a random backbone, said loudly), or a site-local "
+        ".safetensors path ($VARS expanded at the site)",
+    )
+    parser.add_argument("--cinema-config", default=None, help="CineMA config.yaml of --weights, at the site")
     parser.add_argument("--blocks", default=None, help="comma-separated adapted blocks (default: the last two)")
     parser.add_argument("--global-r", type=int, default=FederationConfig.global_r)
     parser.add_argument("--local-r", type=int, default=FederationConfig.local_r)
@@ -80,8 +86,11 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
     if args.site_threads is not None:
         options["threads"] = args.site_threads
     if args.real:
-        return real_config(**({"weights": args.weights} if args.weights else {}), **options)
-    return FederationConfig(backbone=args.backbone, weights=args.weights, **options)
+        weights = {"weights": args.weights} if args.weights else {}
+        return real_config(**weights, cinema_config=args.cinema_config, **options)
+    if args.weights:
+        options["weights"] = args.weights
+    return FederationConfig(backbone=args.backbone, cinema_config=args.cinema_config, **options)
 
 
 def simulate(config: FederationConfig, workspace: str, threads: int, byoc: bool) -> int:

@@ -19,7 +19,7 @@ import torch
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.client.config import ExchangeFormat
-from nvflare.recipe import add_experiment_tracking, add_final_global_evaluation
+from nvflare.recipe import add_experiment_tracking
 
 from app.client import build_module, parse_args, policy_from_args
 from custom.aggregators import SharedKeyAggregator
@@ -28,6 +28,7 @@ from custom.controller import ResilientFedAvg
 from custom.filters import SharedKeysOnly
 from models.atomic_io import torch_save_atomic
 from models.policy import SharingPolicy
+from models.standin import RANDOM, STANDIN
 
 REPO = Path(__file__).resolve().parent.parent
 SITES = ("siemens", "philips", "ge", "canon")
@@ -55,8 +56,11 @@ class FederationConfig:
     local_epochs: int = 20
     """Enough local work per round (about 8 s a round for the demo cohort on 2 CPU cores) that NVFlare's fixed
     cost (site processes starting, final evaluation, shutdown: about 20 s) does not dominate (bench/federation.py)."""
-    backbone: str = "micro"
-    weights: str | None = None
+    weights: str = STANDIN
+    """`standin` (the committed stand-in and its config), `random` (said loudly), or a site-local path."""
+    cinema_config: str | None = None
+    backbone: str | None = None
+    """ConvViT preset for weights without a config.yaml (`random` or a bare checkpoint): micro, mini, base..."""
     blocks: list[int] | None = None
     global_r: int = 8
     local_r: int = 8
@@ -79,13 +83,16 @@ class FederationConfig:
         """The arguments of `app/client.py`, as written into the job config."""
         share_head = {None: "default", True: "yes", False: "no"}[self.share_head]
         args = ["--run-name", self.job_name, "--policy", self.method, "--share-head", share_head]
-        args += ["--backbone", self.backbone, "--global-r", str(self.global_r), "--local-r", str(self.local_r)]
+        args += ["--weights", self.weights]
+        if self.cinema_config:
+            args += ["--cinema-config", self.cinema_config]
+        if self.backbone:
+            args += ["--backbone", self.backbone]
+        args += ["--global-r", str(self.global_r), "--local-r", str(self.local_r)]
         args += ["--lr", str(self.lr), "--local-epochs", str(self.local_epochs), "--batch-size", str(self.batch_size)]
         args += ["--seed", str(self.seed), "--threads", str(self.threads)]
         if self.blocks:
             args += ["--blocks", ",".join(str(b) for b in self.blocks)]
-        if self.weights:
-            args += ["--weights", self.weights]
         if self.proximal_mu:
             args += ["--proximal-mu", str(self.proximal_mu)]
         return shlex.join(args)
@@ -94,9 +101,13 @@ class FederationConfig:
         return dataclasses.replace(self, **changes)
 
 
-def real_config(weights: str = "$MED_DUALLORA_WEIGHTS", **changes) -> FederationConfig:
-    """The CineMA-base configuration: pretrained weights at every site, torch's own thread count."""
-    return FederationConfig(backbone="base", weights=weights, threads=0, **changes)
+def real_config(
+    weights: str = "$MED_DUALLORA_WEIGHTS", cinema_config: str | None = None, **changes
+) -> FederationConfig:
+    """The CineMA configuration: pretrained weights at every site (CineMA-base unless a config.yaml says otherwise),
+    torch's own thread count."""
+    backbone = None if cinema_config else "base"
+    return FederationConfig(backbone=backbone, weights=weights, cinema_config=cinema_config, threads=0, **changes)
 
 
 def site_arguments(config: FederationConfig) -> argparse.Namespace:
@@ -122,7 +133,7 @@ def initial_global_state(config: FederationConfig) -> dict[str, torch.Tensor]:
     a fine-tuned checkpoint's head is the starting head; the adapters never depend on them.
     """
     args = site_arguments(config)
-    if args.weights and not os.path.isfile(os.path.expandvars(args.weights)):
+    if args.weights not in (STANDIN, RANDOM) and not os.path.isfile(os.path.expandvars(args.weights)):
         policy = site_policy(config)
         if policy.full_blocks:
             raise FileNotFoundError(
@@ -132,7 +143,7 @@ def initial_global_state(config: FederationConfig) -> dict[str, torch.Tensor]:
         if policy.share_head:
             message = f"{args.weights!r} is not readable here: the shared head starts from a fresh initialisation"
             warnings.warn(message, stacklevel=2)
-        args.weights = None
+        args.weights = RANDOM
     return build_module(args).shared_state_dict()
 
 
@@ -198,7 +209,6 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
     recipe.add_server_input_filter(PayloadMeter("up"), tasks=["train"])
     recipe.add_server_output_filter(PayloadMeter("down"), tasks=["train"])
     add_experiment_tracking(recipe, "tensorboard")
-    add_final_global_evaluation(recipe)
     return recipe
 
 

@@ -22,7 +22,9 @@ from models.dual_lora import (
     first_trained_block,
 )
 from models.loading import load_cinema
+from models.metrics import DEFAULT_THRESHOLD, METRIC_NAMES, choose_threshold, detection_metrics
 from models.prefix_cache import DEFAULT_CACHE_BYTES, PrefixCache, run_frozen_prefix
+from models.standin import resolve_backbone
 
 __all__ = [
     "CINEMA_CLASSES",
@@ -40,28 +42,6 @@ CINEMA_CLASSES: dict[str, list[str]] = {
     "mnms2": ["ARR", "CIA", "FALL", "HCM", "LV", "NOR"],
 }
 HEALTHY_CLASS = "NOR"
-METRIC_NAMES = ("bal_acc", "sensitivity", "specificity", "auroc", "mcc", "f1")
-DECISION_THRESHOLD = 0.5
-
-
-def detection_metrics(p_diseased: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Disease-detection metrics (1 = diseased is positive) with torchmetrics; undefined ones are NaN.
-
-    Sensitivity, AUROC and balanced accuracy need a diseased subject; specificity, AUROC and balanced accuracy
-    need a healthy one. MCC is 0 for a degenerate confusion matrix.
-    """
-    labels = labels.long()
-    has_pos, has_neg = bool((labels == 1).any()), bool((labels == 0).any())
-    sens = tmf.binary_recall(p_diseased, labels, DECISION_THRESHOLD).item() if has_pos else math.nan
-    spec = tmf.binary_specificity(p_diseased, labels, DECISION_THRESHOLD).item() if has_neg else math.nan
-    return {
-        "bal_acc": (sens + spec) / 2,
-        "sensitivity": sens,
-        "specificity": spec,
-        "auroc": tmf.binary_auroc(p_diseased, labels).item() if has_pos and has_neg else math.nan,
-        "mcc": tmf.binary_matthews_corrcoef(p_diseased, labels, DECISION_THRESHOLD).item(),
-        "f1": tmf.binary_f1_score(p_diseased, labels, DECISION_THRESHOLD).item(),
-    }
 
 
 def _multiclass_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -140,7 +120,8 @@ class DualLoRAClassifier(pl.LightningModule):
             backbone: ConvViT preset (`micro`, `small`, `tiny`, `base`, ...); ignored when `cinema_config` is set.
             backbone_overrides: ConvViTConfig fields overriding the preset (e.g. `image_size`).
             cinema_config: a CineMA downstream config.yaml describing the backbone.
-            weights: local CineMA `.safetensors` (fine-tuned or pretrained MAE); None = random, with a loud warning.
+            weights: local CineMA `.safetensors` (fine-tuned or pretrained MAE); `standin` = the committed stand-in
+                with its config; None or `random` = a random backbone, with a loud warning.
             adapter: placement and size of the LoRA adapters (default: r=8, alpha=16, q/kv/proj, last two blocks).
             policy: sharing policy name (models.policy.POLICY_NAMES); share_head overrides its default.
             task: `binary` (label 0 = NOR, 1 = diseased) or `multiclass` on the batch's `pathology`.
@@ -163,6 +144,7 @@ class DualLoRAClassifier(pl.LightningModule):
         self.adapter_config = adapter or DualLoRAConfig()
         self.class_names = self._class_names(task, classes)
         n_classes = len(self.class_names) if self.class_names else 2
+        weights, cinema_config = resolve_backbone(weights, cinema_config)
         if cinema_config is not None:
             model_config = ConvViTConfig.from_cinema_yaml(cinema_config, n_classes=n_classes)
         else:
@@ -179,6 +161,9 @@ class DualLoRAClassifier(pl.LightningModule):
         self._eval_outputs: dict[str, list[EvalBatch]] = defaultdict(list)
         self.eval_results: dict[str, dict[str, Any]] = {}  # last evaluation per prefix (`test`, `val_global_only`)
         self.eval_predictions: dict[str, list[dict[str, Any]]] = {}  # per subject, same prefixes
+        # Decision thresholds, chosen on validation data (choose_thresholds) and used by every later evaluation:
+        # `model` for the module as it is, `global_only` for its global adapter alone.
+        self.thresholds: dict[str, float] = {"model": DEFAULT_THRESHOLD, "global_only": DEFAULT_THRESHOLD}
         self._proximal_anchor: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -311,12 +296,24 @@ class DualLoRAClassifier(pl.LightningModule):
         self._log_eval_metrics("test")
 
     def _log_eval_metrics(self, stage: str) -> None:
-        for prefix in [stage, f"{stage}_global_only"]:
+        for prefix, kind in ((stage, "model"), (f"{stage}_global_only", "global_only")):
             outputs = self._eval_outputs.pop(prefix, [])
             if outputs:
-                self.eval_results[prefix] = self.grouped_metrics(outputs)
+                self.eval_results[prefix] = self.grouped_metrics(outputs, self.thresholds[kind])
                 self.eval_predictions[prefix] = self.subject_predictions(outputs)
                 self.log_dict(flatten_metrics(prefix, self.eval_results[prefix]), batch_size=1)
+
+    def choose_thresholds(self, stage: str = "val") -> dict[str, float]:
+        """Set `thresholds` from the last `stage` evaluation's pooled predictions (choose_threshold) and return them.
+
+        A site calls it after validating its personalised model; the pooled threshold of a federated global model
+        comes from summed histograms instead (custom.controller).
+        """
+        for prefix, kind in ((stage, "model"), (f"{stage}_global_only", "global_only")):
+            rows = self.eval_predictions.get(prefix)
+            if rows:
+                self.thresholds[kind] = choose_threshold([r["p_diseased"] for r in rows], [r["label"] for r in rows])
+        return dict(self.thresholds)
 
     def subject_predictions(self, outputs: list[EvalBatch]) -> list[dict[str, Any]]:
         """One entry per evaluated subject: id, client, binary label (1 = diseased) and P(diseased)."""
@@ -333,24 +330,26 @@ class DualLoRAClassifier(pl.LightningModule):
             )
         ]
 
-    def grouped_metrics(self, outputs: list[EvalBatch]) -> dict[str, Any]:
-        """`{"pooled": metrics, "clients": {client: metrics}}`, each with its subject count `n`."""
+    def grouped_metrics(self, outputs: list[EvalBatch], threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+        """`{"pooled": metrics, "clients": {client: metrics}}` at `threshold`, each with its subject count `n`."""
         logits = torch.cat([o.logits for o in outputs])
         targets = torch.cat([o.targets for o in outputs])
         clients = [c for o in outputs for c in o.clients]
         per_client = {}
         for client in sorted(set(clients)):
             mask = torch.tensor([c == client for c in clients])
-            per_client[client] = {**self._metrics(logits[mask], targets[mask]), "n": int(mask.sum())}
-        return {"pooled": {**self._metrics(logits, targets), "n": len(clients)}, "clients": per_client}
+            metrics = self._metrics(logits[mask], targets[mask], threshold)
+            per_client[client] = {**metrics, "n": int(mask.sum())}
+        pooled = {**self._metrics(logits, targets, threshold), "n": len(clients)}
+        return {"pooled": pooled, "clients": per_client}
 
-    def _metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def _metrics(self, logits: torch.Tensor, targets: torch.Tensor, threshold: float) -> dict[str, float]:
         p_diseased = self._p_diseased(logits)
         if self.class_names is None:
-            return detection_metrics(p_diseased, targets)
+            return detection_metrics(p_diseased, targets, threshold)
         healthy = self.class_names.index(HEALTHY_CLASS)
         return {
-            **detection_metrics(p_diseased, (targets != healthy).long()),
+            **detection_metrics(p_diseased, (targets != healthy).long(), threshold),
             **_multiclass_metrics(logits.softmax(1), targets),
         }
 

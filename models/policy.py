@@ -90,6 +90,23 @@ class SharingPolicy:
         """True when adapters exist but no `lora_A` trains (FFA-LoRA: A stays at its seeded initialisation)."""
         return bool(self.adapters) and not any(p.startswith("lora_A.") for p in self.trainable_parts)
 
+    @property
+    def is_dual(self) -> bool:
+        """Whether sites hold both adapters, `global` and `local` (then the global-only model can be scored)."""
+        return set(self.adapters) == {"global", "local"}
+
+    @property
+    def has_private_parts(self) -> bool:
+        """Whether some trained part stays at the site: the site's model is then personalised."""
+        return bool(self.trainable_parts - self.shared_parts)
+
+    @property
+    def has_global_model(self) -> bool:
+        """Whether the aggregated parts make a complete model by themselves: the head and every trained part
+        outside the local adapter are shared (not for FedSA-LoRA, local-only, or a local head)."""
+        outside_local = {part for part in self.trainable_parts if not part.endswith(".local")}
+        return "head" in self.shared_parts and outside_local <= self.shared_parts
+
     def part(self, key: str) -> str | None:
         """The part a state-dict key belongs to, or None for a frozen or unknown key."""
         return key_part(key, self.full_blocks)

@@ -18,7 +18,7 @@ from jobs.recipe import SITES
 from jobs.simulate import SimulatorRun, run_simulator
 
 SUBJECTS_PER_VENDOR = 6
-TEST_GEOMETRY = Geometry(crop=(64, 64), spacing=(2.0, 2.0, 10.0), depth=8)
+TEST_GEOMETRY = Geometry(crop=(64, 64), spacing=(3.0, 3.0, 10.0), depth=8)  # the stand-in backbone's input
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,7 +57,7 @@ def synthetic_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_root(synthetic_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Prepared root (manifest.csv + volumes) of `synthetic_raw`: 64×64×8 at 2×2×10 mm, split seed 0. Read-only."""
+    """Prepared root (manifest.csv + volumes) of `synthetic_raw`: 64×64×8 at 3×3×10 mm, split seed 0. Read-only."""
     out = tmp_path_factory.mktemp("prepared_root")
     result = run_prepare([synthetic_raw], out, seed=0, geometry=TEST_GEOMETRY, workers=2)
     assert not result.problems, result.problems

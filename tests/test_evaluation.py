@@ -3,17 +3,10 @@
 import math
 
 import pytest
+import torch
 
-from app.evaluation import (
-    Confusion,
-    auroc,
-    binary_metrics,
-    mean_over_sites,
-    mean_std,
-    metrics_from_confusion,
-    pooled_metrics,
-    weighted_mean_over_sites,
-)
+from app.evaluation import Confusion, binary_metrics, mean_over_sites, mean_std, weighted_mean_over_sites
+from models.metrics import detection_metrics
 
 
 def test_confusion_counts_each_cell():
@@ -21,37 +14,75 @@ def test_confusion_counts_each_cell():
     assert confusion == Confusion(tn=2, fp=1, fn=1, tp=3)
 
 
-def test_metrics_from_confusion_by_hand():
-    # tn=2 fp=1 fn=1 tp=3: sens 3/4, spec 2/3, MCC (6-1)/sqrt(4*4*3*3) = 5/12, F1 6/8.
-    metrics = metrics_from_confusion(Confusion(tn=2, fp=1, fn=1, tp=3))
+def test_metrics_by_hand():
+    # labels 0 0 0 1 1 1 1, called 0 1 0 1 1 0 1: tn=2 fp=1 fn=1 tp=3.
+    # sens 3/4, spec 2/3, MCC (6-1)/sqrt(4*4*3*3) = 5/12, F1 6/8; AUROC: 10 of the 12 (pos, neg) pairs ordered right.
+    metrics = binary_metrics([0, 0, 0, 1, 1, 1, 1], [0.1, 0.7, 0.2, 0.9, 0.8, 0.3, 0.6])
+    assert (metrics["tn"], metrics["fp"], metrics["fn"], metrics["tp"]) == (2, 1, 1, 3)
     assert metrics["sensitivity"] == pytest.approx(0.75)
     assert metrics["specificity"] == pytest.approx(2 / 3)
     assert metrics["bal_acc"] == pytest.approx((0.75 + 2 / 3) / 2)
     assert metrics["mcc"] == pytest.approx(5 / 12)
     assert metrics["f1"] == pytest.approx(0.75)
-
-
-def test_undefined_metrics_are_nan_and_mcc_is_zero():
-    # A split without healthy subjects: specificity and balanced accuracy are undefined, not 0 or 1.
-    metrics = metrics_from_confusion(Confusion(tn=0, fp=0, fn=1, tp=3))
-    assert math.isnan(metrics["specificity"])
-    assert math.isnan(metrics["bal_acc"])
-    assert metrics["sensitivity"] == pytest.approx(0.75)
-    assert metrics["mcc"] == 0.0
+    assert metrics["auroc"] == pytest.approx(10 / 12)
 
 
 def test_auroc_counts_ties_as_half():
     # Positives {0.9, 0.4}, negatives {0.4, 0.1}: pairs (0.9>0.4) (0.9>0.1) (0.4=0.4 -> 1/2) (0.4>0.1) = 3.5 / 4.
-    assert auroc([1, 1, 0, 0], [0.9, 0.4, 0.4, 0.1]) == pytest.approx(0.875)
-    assert math.isnan(auroc([1, 1], [0.2, 0.3]))
+    assert binary_metrics([1, 1, 0, 0], [0.9, 0.4, 0.4, 0.1])["auroc"] == pytest.approx(0.875)
 
 
-def test_binary_metrics_thresholds_like_argmax():
-    # Score exactly 0.5 is a logit tie, which argmax resolves to class 0 (healthy).
+DEGENERATE = [
+    # labels, scores, and what the one convention (models.metrics.detection_metrics) gives; None = NaN (undefined)
+    pytest.param(
+        [1, 1, 1],
+        [0.9, 0.8, 0.7],
+        {"sensitivity": 1.0, "specificity": None, "mcc": None, "f1": 1.0},
+        id="all-sick-right",
+    ),
+    pytest.param(
+        [1, 1, 1, 1],
+        [0.9, 0.9, 0.9, 0.1],
+        {"sensitivity": 0.75, "specificity": None, "mcc": None, "f1": 6 / 7},
+        id="all-sick-one-missed",
+    ),
+    pytest.param(
+        [0, 0], [0.1, 0.2], {"sensitivity": None, "specificity": 1.0, "mcc": None, "f1": None}, id="all-healthy-right"
+    ),
+    pytest.param(
+        [0, 1, 0, 1],
+        [0.1, 0.2, 0.3, 0.4],
+        {"sensitivity": 0.0, "specificity": 1.0, "mcc": 0.0, "f1": 0.0},
+        id="nobody-called-sick",
+    ),
+]
+
+
+@pytest.mark.parametrize(("labels", "scores", "expected"), DEGENERATE)
+def test_degenerate_splits_follow_one_convention_in_every_scorer(labels, scores, expected):
+    """The benchmark's per-subject scoring and the LightningModule's scoring are one code: they agree here too.
+
+    They used to disagree: MCC 1 against 0 on an all-diseased, all-right split; F1 0 against NaN when all healthy.
+    """
+    from_rows = binary_metrics(labels, scores)
+    from_module = detection_metrics(torch.tensor(scores), torch.tensor(labels))
+    for name, value in expected.items():
+        for metrics in (from_rows, from_module):
+            if value is None:
+                assert math.isnan(metrics[name]), (name, metrics)
+            else:
+                assert metrics[name] == pytest.approx(value), (name, metrics)
+    assert math.isnan(from_rows["auroc"]) == math.isnan(from_rows["bal_acc"]) == (len(set(labels)) < 2)
+
+
+def test_each_subject_is_called_at_its_own_model_threshold():
+    # A score exactly at the threshold is not called diseased (score > threshold).
     metrics = binary_metrics([0, 1, 1, 0], [0.5, 0.51, 0.2, 0.1])
     assert (metrics["tn"], metrics["fp"], metrics["fn"], metrics["tp"]) == (2, 0, 1, 1)
-    assert metrics["n"] == 4
-    assert metrics["bal_acc"] == pytest.approx(0.75)
+    assert metrics["n"] == 4 and metrics["bal_acc"] == pytest.approx(0.75)
+    # A pooled row of two sites with thresholds 0.5 and 0.15: the second site's 0.2 is now called diseased.
+    pooled = binary_metrics([0, 1, 1, 0], [0.5, 0.51, 0.2, 0.1], thresholds=[0.5, 0.5, 0.15, 0.15])
+    assert (pooled["fn"], pooled["tp"]) == (0, 2)
 
 
 def test_binary_metrics_rejects_non_binary_labels():
@@ -66,7 +97,7 @@ def test_site_means_and_pooled_differ_as_expected():
     assert mean_over_sites(per_site)["bal_acc"] == pytest.approx(0.5)
     assert mean_over_sites(per_site)["sensitivity"] == pytest.approx(0.5)
     # Pooled: tp=3 fn=1 tn=1 fp=1 -> sens 3/4, spec 1/2, bal-acc 5/8.
-    pooled = pooled_metrics({"a": site_a, "b": site_b})
+    pooled = binary_metrics(site_a[0] + site_b[0], site_a[1] + site_b[1])
     assert pooled["bal_acc"] == pytest.approx(0.625)
     # Weighted by test size 4 and 2: sensitivity (4*1 + 2*0) / 6.
     assert weighted_mean_over_sites(per_site, {"a": 4, "b": 2})["sensitivity"] == pytest.approx(4 / 6)
