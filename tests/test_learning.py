@@ -126,9 +126,13 @@ def federate(policy: str, rounds: int = 4, local_epochs: int = 5) -> dict[str, f
 
 
 def test_local_adapter_wins_under_concept_shift():
-    """Site b labels the planted square healthy, site a diseased: one global model cannot serve both."""
+    """Site b labels the planted square healthy, site a diseased: one global model cannot serve both.
+
+    Measured: personalised 0.88 / 0.86, FedAvg-LoRA's global model 0.50 / 0.51 (and 0.50 with the local adapter
+    disconnected); the floors leave room for numerical drift, not for a model near chance.
+    """
     personalised = federate("med_duallora")
     global_only = federate("fedit")
     for site in ("a", "b"):
-        assert personalised[site] >= 0.85, (personalised, global_only)
-        assert personalised[site] >= global_only[site] + 0.1, (personalised, global_only)
+        assert personalised[site] >= 0.8, (personalised, global_only)
+        assert personalised[site] >= global_only[site] + 0.2, (personalised, global_only)
