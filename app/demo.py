@@ -23,15 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from app.client import parse_args
 from app.pretrain import assert_disjoint_from_standin
 from custom.site_state import STATE_ENV
 from jobs.recipe import REPO, SITES
 from jobs.simulate import SimulatorRun, run_simulator
 from models.atomic_io import write_json_atomic, write_text_atomic
-from models.metrics import bootstrap_auroc, detection_metrics
+from models.metrics import bootstrap_auroc, subject_metrics
 from models.standin import prepare_args
 
 JOB = REPO / "jobs" / "med_duallora"
@@ -85,8 +83,7 @@ def score_row(predictions: Sequence[dict], thresholds: Sequence[float], seed: in
     """AUROC with its bootstrap interval, and the threshold metrics, of subjects each decided at its own threshold."""
     scores = [row["p_diseased"] for row in predictions]
     labels = [row["label"] for row in predictions]
-    decisions = torch.tensor([float(p > t) for p, t in zip(scores, thresholds, strict=True)])
-    decided = detection_metrics(decisions, torch.tensor(labels), threshold=0.5)
+    decided = subject_metrics(scores, labels, thresholds)
     auroc, low, high = bootstrap_auroc(scores, labels, seed=seed)
     return {**{name: decided[name] for name in SCORES}, "auroc": auroc, "auroc_low": low, "auroc_high": high}
 

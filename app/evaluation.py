@@ -8,9 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from models.metrics import DEFAULT_THRESHOLD, METRIC_NAMES, detection_metrics
+from models.metrics import DEFAULT_THRESHOLD, METRIC_NAMES, subject_metrics
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def _as_binary(values: Sequence[int], name: str) -> np.ndarray:
 def binary_metrics(
     labels: Sequence[int], scores: Sequence[float], thresholds: float | Sequence[float] = DEFAULT_THRESHOLD
 ) -> dict[str, float]:
-    """All six metrics (models.metrics.detection_metrics, the code that scores every model) plus the confusion
+    """All six metrics (models.metrics.subject_metrics, the code that scores every model) plus the confusion
     counts, from per-subject labels and P(diseased) scores; each subject is called diseased when its score exceeds
     its threshold (one for all, or one per subject: pooled rows mix sites' models and thresholds)."""
     truth = _as_binary(labels, "labels")
@@ -64,8 +63,7 @@ def binary_metrics(
         raise ValueError(f"labels ({truth.size}) and scores ({values.size}) differ in length")
     called = (values > np.broadcast_to(np.asarray(thresholds, dtype=np.float64), values.shape)).astype(np.int64)
     confusion = Confusion.from_predictions(truth, called)
-    metrics = detection_metrics(torch.from_numpy(called.astype(np.float32)), torch.from_numpy(truth), 0.5)
-    metrics["auroc"] = detection_metrics(torch.from_numpy(values), torch.from_numpy(truth))["auroc"]
+    metrics = subject_metrics(values, truth, thresholds)
     counts = {"n": confusion.n, "tn": confusion.tn, "fp": confusion.fp, "fn": confusion.fn, "tp": confusion.tp}
     return {name: metrics[name] for name in METRIC_NAMES} | counts
 

@@ -51,6 +51,18 @@ def detection_metrics(
     }
 
 
+def subject_metrics(
+    p_diseased: Sequence[float], labels: Sequence[int], thresholds: float | Sequence[float]
+) -> dict[str, float]:
+    """`detection_metrics` when each subject is decided at its own threshold (a pooled row of several sites'
+    models): threshold metrics from the decisions, AUROC from the scores themselves."""
+    scores = np.asarray(p_diseased, dtype=np.float64)
+    truth = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    called = scores > np.broadcast_to(np.asarray(thresholds, dtype=np.float64), scores.shape)
+    metrics = detection_metrics(torch.from_numpy(called.astype(np.float32)), truth, 0.5)
+    return metrics | {"auroc": detection_metrics(torch.from_numpy(scores), truth)["auroc"]}
+
+
 def score_histogram(p_diseased: Sequence[float] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> np.ndarray:
     """Counts of scores per bin of [0, 1], one row per label: (2, HISTOGRAM_BINS) int64, row 0 healthy."""
     scores = np.clip(np.asarray(torch.as_tensor(p_diseased).float(), dtype=np.float64), 0.0, 1.0)

@@ -94,3 +94,11 @@ def test_pathology_groups_cover_every_code_and_refuse_unknown_ones():
     assert pathology_group("DCM") == pathology_group("MINF") != pathology_group("HCM") == pathology_group("HHD")
     with pytest.raises(ValueError, match="subject 's1'.*'XYZ'"):
         pathology_group("XYZ", "s1")
+
+
+def test_probe_refuses_a_cohort_too_small_for_its_folds_naming_the_class():
+    rng = np.random.default_rng(1)
+    groups = np.array(["NOR"] * 3 + ["LV_DILATED"] * 30)
+    cohort = _cohort(rng.normal(size=(33, 4)), (groups != "NOR").astype(int), groups)
+    with pytest.raises(ValueError, match="5-fold CV needs 5 subjects of every class.*0: 3"):
+        probe_scores(cohort)

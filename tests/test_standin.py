@@ -4,6 +4,7 @@ recipe that makes it runs end to end and is deterministic."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import shutil
 from pathlib import Path
@@ -66,6 +67,11 @@ def test_a_tampered_standin_is_refused_naming_the_file(tmp_path: Path):
     data[-1] ^= 0xFF
     (copy / WEIGHTS_NAME).write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"{WEIGHTS_NAME}: sha256 differs"):
+        standin_files(copy)
+    record = json.loads((copy / RECORD_NAME).read_text())
+    del record["prepare_args"]
+    (copy / RECORD_NAME).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=f"{RECORD_NAME}: field.*prepare_args"):
         standin_files(copy)
     (copy / RECORD_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=RECORD_NAME):
