@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 CONFIG = FederationConfig(rounds=3, local_epochs=15, min_clients=4, name="learns")
 AUROC_FLOOR = 0.75
 """Pooled validation AUROC the final global model must reach. Measured: 0.82 after these 3 rounds, 0.62 for the
-initial global model (zero B, fresh head on the stand-in's features), over 56 validation subjects (13 healthy:
+initial global model (zero B, fresh head on the stand-in's features), over 56 validation subjects (15 healthy:
 standard error about 0.06). The floor sits one standard error below the measured value and two above the start."""
 SITE_TRAINS_FROM = re.compile(r"round (\d+): training from the global model ([0-9a-f]{64})")
 SERVER_AGGREGATED = re.compile(r"round (\d+): aggregated .* global model ([0-9a-f]{64})")
