@@ -121,9 +121,12 @@ def assert_disjoint_digests(ours: Mapping[str, str], root: Path, source: str) ->
         )
 
 
-def assert_disjoint(pretraining: Path, others: Sequence[Path]) -> dict[str, int]:
-    """Raise unless the pretraining cohort shares neither a subject id nor a volume with any other cohort."""
-    ours = volume_digests(pretraining)
+def assert_disjoint(
+    pretraining: Path, others: Sequence[Path], digests: Mapping[str, str] | None = None
+) -> dict[str, int]:
+    """Raise unless the pretraining cohort shares neither a subject id nor a volume with any other cohort
+    (`digests`: the pretraining cohort's `volume_digests`, when already computed)."""
+    ours = digests if digests is not None else volume_digests(pretraining)
     for root in others:
         assert_disjoint_digests(ours, root, str(pretraining))
     return {"pretraining_subjects": len(ours), "cohorts_checked": len(others)}
@@ -336,7 +339,9 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
-def cohort(work: Path, name: str, seed: int, subjects: int, geometry: Sequence[str], profile: str | None = None):
+def cohort(
+    work: Path, name: str, seed: int, subjects: int, geometry: Sequence[str], profile: str | None = None
+) -> Path:
     """A Siemens-only synthetic cohort, prepared to `geometry` (reused when already prepared); its prepared root."""
     raw, prepared = work / name / "raw", work / name / "prepared"
     if not (prepared / "manifest.csv").exists():
@@ -444,7 +449,8 @@ def pretrain(out_dir: Path, work: Path, settings: PretrainSettings, disjoint_fro
         geometry,
         settings.shift_profile,
     )
-    disjointness = assert_disjoint(prepared, [probe_root, *disjoint_from])
+    digests = volume_digests(prepared)
+    disjointness = assert_disjoint(prepared, [probe_root, *disjoint_from], digests)
     trained, regression = train_backbone(settings, prepared, work)
     pretrain_seconds = time.monotonic() - started
 
@@ -485,7 +491,7 @@ def pretrain(out_dir: Path, work: Path, settings: PretrainSettings, disjoint_fro
             "random_backbone_same_shape": random_probe,
         },
         "heads": "re-initialised (seeded) for 2 classes NOR / ABN; only the backbone is pretrained",
-        "pretraining_volume_sha256": volume_digests(prepared),
+        "pretraining_volume_sha256": digests,
     }
     write_json_atomic(out_dir / RECORD_NAME, record)
     return record
