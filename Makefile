@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m app.demo --out runs/demo
+	$(PY) -m jobs.demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

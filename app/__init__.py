@@ -1,1 +1,1 @@
-"""app package."""
+"""The federated application: the site script, its configuration, and the centralized baseline."""

@@ -15,10 +15,10 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from app.evaluation import mean_over_sites, weighted_mean_over_sites
 from data_prep.datamodule import VendorDataModule
 from models.atomic_io import write_json_atomic
 from models.lit import DualLoRAClassifier
+from models.metrics import mean_over_sites, weighted_mean_over_sites
 
 DEFAULT_METRICS_OUT = "runs/centralized/metrics.json"
 

@@ -17,7 +17,6 @@ import json
 import math
 import multiprocessing
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -25,7 +24,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from jobs.recipe import REPO, SITES, FederationConfig, export_job, real_config
+from data_prep.datamodule import VendorDataModule
+from jobs.demo import SUBJECTS_PER_VENDOR, prepare_cohort
+from jobs.recipe import REPO, FederationConfig, export_job, real_config
+from jobs.simulate import run_simulator
+from models.protocol import DATA_ENV, SITES, STATE_ENV
+from models.standin import RANDOM
 
 COMMITTED_JOB = REPO / "jobs" / "med_duallora"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - (.*)$")
@@ -33,27 +37,22 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - (.*)$")
 
 def job_config(local_epochs: int | None = None) -> FederationConfig:
     """The committed job's configuration (the demo configuration), optionally with more local epochs per round."""
-    config = FederationConfig()
+    config = FederationConfig.for_method()
     return config if local_epochs is None else config.replace(local_epochs=local_epochs, name="bench_workload")
 
 
 def site_train_counts(prepared: Path, sites: Sequence[str]) -> dict[str, int]:
-    from data_prep.datamodule import VendorDataModule
-
     return {site: VendorDataModule(prepared, clients=[site]).num_train_samples for site in sites}
 
 
 def fl_steps_per_round(counts: dict[str, int], config: FederationConfig) -> int:
     """Optimizer steps all sites together take in one round (last batches are partial, as Lightning does)."""
-    return sum(config.local_epochs * math.ceil(n / config.batch_size) for n in counts.values())
+    return sum(config.site.local_epochs * math.ceil(n / config.site.batch_size) for n in counts.values())
 
 
 def run_federated(job: Path, prepared: Path, out: Path, threads: int) -> dict:
     """The job in the simulator; wall time split into start-up, rounds and final evaluation."""
-    from custom.site_state import STATE_ENV
-    from jobs.simulate import run_simulator
-
-    env = {"MED_DUALLORA_DATA": str(prepared), STATE_ENV: str(out / f"site_state_t{threads}")}
+    env = {DATA_ENV: str(prepared), STATE_ENV: str(out / f"site_state_t{threads}")}
     started = datetime.now()
     run = run_simulator(job, out / f"ws_t{threads}", SITES, threads, env=env, log_file=out / f"sim_t{threads}.log")
     if run.problems():
@@ -95,14 +94,13 @@ def _central_worker(prepared: str, config: FederationConfig, steps_per_round: in
     import lightning.pytorch as pl
     import torch
 
-    from app.client import VALIDATE_ONLY_WHEN_ASKED, build_module, parse_args
+    from app.client import VALIDATE_ONLY_WHEN_ASKED
     from data_prep.datamodule import VendorDataModule
     from models.lit import QUIET_TRAINER_KWARGS
 
     torch.set_num_threads(threads)
-    args = parse_args(shlex.split(config.client_args()))
-    module = build_module(args)
-    datamodule = VendorDataModule(prepared, clients=None, batch_size=config.batch_size, seed=config.seed)
+    module = config.site_config.build_module()
+    datamodule = VendorDataModule(prepared, clients=None, batch_size=config.site.batch_size, seed=config.site.seed)
     trainer = pl.Trainer(
         max_epochs=10**6,
         max_steps=steps_per_round,
@@ -152,10 +150,10 @@ def base_bytes() -> dict:
     from nvflare.app_common.abstract.fl_model import FLModel
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-    from app.client import build_module, full_model_bytes, parse_args
+    from app.client import full_model_bytes
     from custom.comm import payload_bytes, tensor_bytes
 
-    module = build_module(parse_args(shlex.split(real_config(weights=None).client_args())))
+    module = real_config(weights=RANDOM).site_config.build_module()
     shared = {key: value.detach().clone() for key, value in module.shared_state_dict().items()}
     raw, count = tensor_bytes(shared)
     full = full_model_bytes(module)
@@ -185,8 +183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data:
         prepared = Path(args.data).resolve()
     else:
-        from app.demo import SUBJECTS_PER_VENDOR, prepare_cohort
-
         prepared = prepare_cohort(out, subjects_per_vendor=SUBJECTS_PER_VENDOR, seed=0)
     config = job_config(args.local_epochs)
     job = COMMITTED_JOB if args.local_epochs is None else export_job(config, out / "jobs")
@@ -221,15 +217,15 @@ def summarize(config, counts, steps_per_round, federated: dict, central: dict, b
         "payload_vs_raw_bytes_ratio": round(base["payload_bytes"] / base["shared_bytes"], 4),
         "shared_vs_full_model_bytes_ratio": round(base["shared_bytes"] / base["full_model_bytes"], 6),
         "details": {
-            "job": f"demo job, {config.rounds} rounds x {config.local_epochs} local epochs",
+            "job": f"demo job, {config.rounds} rounds x {config.site.local_epochs} local epochs",
             "headline_wall_ratio_from": f"simulator -t {max(federated)} (one process per site, as in deployment)",
             "round_s_meaning": "round 0 includes loading the volumes; later rounds are steady state",
             "federated": fl_runs,
             "centralized": central,
             "same_work": {
                 "rounds": config.rounds,
-                "local_epochs": config.local_epochs,
-                "batch_size": config.batch_size,
+                "local_epochs": config.site.local_epochs,
+                "batch_size": config.site.batch_size,
                 "site_train_samples": counts,
                 "optimizer_steps_fl": steps_per_round * config.rounds,
                 "optimizer_steps_central": central["optimizer_steps"],

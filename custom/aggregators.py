@@ -15,10 +15,8 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 
 from custom.site_state import state_digest
-from models.policy import get_policy
-
-SAMPLES_KEY = "num_train_samples"
-AUDIT_FILE = "received_keys.jsonl"
+from models.policy import SharingPolicy
+from models.protocol import AUDIT_FILE, SAMPLES_KEY
 
 
 class SharedKeyAggregator(ModelAggregator):
@@ -32,12 +30,11 @@ class SharedKeyAggregator(ModelAggregator):
     contributed fails, naming the rejected and the missing sites.
     """
 
-    def __init__(self, policy: str, share_head: bool | None = None, full_blocks: list[int] | None = None):
+    def __init__(self, policy: dict[str, Any]):
+        """`policy`: the run's serialised SharingPolicy (`to_dict`), as the job config holds it."""
         super().__init__()
-        self.policy = policy
-        self.share_head = share_head
-        self.full_blocks = full_blocks
-        self._sharing = get_policy(policy, share_head=share_head, full_blocks=full_blocks)
+        self.policy = policy  # kept as given: NVFlare writes the job config from the constructor's arguments
+        self._sharing = SharingPolicy.from_dict(policy, source="SharedKeyAggregator")
         self._lock = threading.Lock()  # results of different sites arrive on different threads
         self.reset_stats()
 
@@ -102,7 +99,7 @@ class SharedKeyAggregator(ModelAggregator):
 
     def _rejection_reason(self, params: dict[str, Any], outside: list[str], samples: Any, params_type: Any) -> str:
         if outside:
-            return f"{len(outside)} key(s) outside the shared set of policy {self.policy}, e.g. {outside[:3]}"
+            return f"{len(outside)} key(s) outside the shared set of policy {self._sharing.name}, e.g. {outside[:3]}"
         if isinstance(samples, bool) or not isinstance(samples, int | float) or not samples > 0:
             return f"meta[{SAMPLES_KEY!r}] must be a positive number, got {samples!r}"
         if self._params_type is not None and params_type != self._params_type:

@@ -16,9 +16,8 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
 from models.atomic_io import write_json_atomic
+from models.protocol import COMM_DIR, FULL_MODEL_BYTES_KEY
 
-FULL_MODEL_BYTES_KEY = "full_model_bytes"
-COMM_DIR = "comm"
 DIRECTIONS = ("up", "down")
 
 

@@ -9,16 +9,9 @@ from collections.abc import Callable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from custom.evaluation import (
-    CALIBRATE,
-    GLOBAL_THRESHOLD_FILE,
-    GLOBAL_THRESHOLD_KEY,
-    STAGE_KEY,
-    TEST,
-    pooled_threshold,
-    site_histogram,
-)
+from custom.evaluation import pooled_threshold, site_histogram
 from models.atomic_io import write_json_atomic
+from models.protocol import CALIBRATE, GLOBAL_THRESHOLD_FILE, GLOBAL_THRESHOLD_KEY, STAGE_KEY, TEST
 
 EVALUATE_TASK = "validate"
 

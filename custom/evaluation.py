@@ -13,12 +13,8 @@ from typing import Any
 import numpy as np
 
 from models.metrics import HISTOGRAM_BINS, threshold_from_histogram
+from models.protocol import VAL_HISTOGRAM_KEY
 
-STAGE_KEY = "evaluation_stage"
-CALIBRATE, TEST = "calibrate", "test"
-GLOBAL_THRESHOLD_KEY = "global_threshold"
-VAL_HISTOGRAM_KEY = "val_global_histogram"
-GLOBAL_THRESHOLD_FILE = "global_threshold.json"
 MIN_HISTOGRAM_SUBJECTS = 5
 """A site sends no histogram of fewer validation subjects: it would describe too few people."""
 

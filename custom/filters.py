@@ -10,8 +10,9 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from custom.evaluation import VAL_HISTOGRAM_KEY, histogram_problem
-from models.policy import get_policy
+from custom.evaluation import histogram_problem
+from models.policy import SharingPolicy
+from models.protocol import VAL_HISTOGRAM_KEY
 
 WEIGHT_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 _SCALAR_TYPES = (bool, int, float, str, type(None))
@@ -32,12 +33,11 @@ class SharedKeysOnly(DXOFilter):
     sending an empty update.
     """
 
-    def __init__(self, policy: str, share_head: bool | None = None, full_blocks: list[int] | None = None):
+    def __init__(self, policy: dict[str, Any]):
+        """`policy`: the run's serialised SharingPolicy (`to_dict`), as the job config holds it."""
         super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
-        self.policy = policy
-        self.share_head = share_head
-        self.full_blocks = full_blocks
-        self._sharing = get_policy(policy, share_head=share_head, full_blocks=full_blocks)
+        self.policy = policy  # kept as given: NVFlare writes the job config from the constructor's arguments
+        self._sharing = SharingPolicy.from_dict(policy, source="SharedKeysOnly")
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code() != ReturnCode.OK:
@@ -45,7 +45,8 @@ class SharedKeysOnly(DXOFilter):
         try:
             from_shareable(shareable)
         except Exception as error:
-            raise LeakError(f"{self.policy}: a result that is not a DXO cannot be checked; not sending it") from error
+            message = f"{self._sharing.name}: a result that is not a DXO cannot be checked; not sending it"
+            raise LeakError(message) from error
         return super().process(shareable, fl_ctx)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
@@ -63,9 +64,10 @@ class SharedKeysOnly(DXOFilter):
         kept = {key: value for key, value in params.items() if self._sharing.is_shared(key)}
         stripped = len(params) - len(kept)
         if not kept and self._sharing.shared_parts:
-            raise LeakError(f"{self.policy}: none of the {len(params)} keys is shared; not sending an empty update")
+            message = f"{self._sharing.name}: none of the {len(params)} keys is shared; not sending an empty update"
+            raise LeakError(message)
         if fl_ctx is not None:
-            self.log_info(fl_ctx, f"{self.policy}: kept {len(kept)} shared keys, stripped {stripped}")
+            self.log_info(fl_ctx, f"{self._sharing.name}: kept {len(kept)} shared keys, stripped {stripped}")
         return kept
 
 

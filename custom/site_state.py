@@ -11,9 +11,7 @@ from typing import Any
 import torch
 
 from models.atomic_io import torch_save_atomic
-
-STATE_ENV = "MED_DUALLORA_STATE"
-STATE_FILE = "private_state.pt"
+from models.protocol import STATE_ENV, STATE_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from data_prep.preprocess import read_volume
 from data_prep.report import read_manifest
 from data_prep.splits import SPLITS
+from models.protocol import DATA_ENV
 
-DATA_ENV = "MED_DUALLORA_DATA"
 # CineMA classification augmentation (reference-cinema.md §3), defined for a 192-voxel crop.
 CINEMA_CROP = 192
 CINEMA_TRANSLATE = 60

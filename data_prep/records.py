@@ -6,8 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CLIENTS = ("siemens", "philips", "ge", "canon")
-
 # Unified label map of the prepared data (CineMA / ACDC convention).
 RV_LABEL, MYO_LABEL, LV_LABEL = 1, 2, 3
 ACDC_LABEL_MAP: dict[int, int] = {1: RV_LABEL, 2: MYO_LABEL, 3: LV_LABEL}

@@ -29,7 +29,6 @@ from data_prep.layouts import (
     write_mnms2,
 )
 from data_prep.phantom import render_four_chamber, render_sax, sample_acquisition
-from data_prep.records import CLIENTS
 from data_prep.vendors import (
     CLASS_MIX,
     DATASET_SHARES,
@@ -42,6 +41,7 @@ from data_prep.vendors import (
     VendorProfile,
     largest_remainder,
 )
+from models.protocol import SITES
 
 DEFAULT_SUBJECTS_PER_VENDOR = 20
 MNMS_CSV = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
@@ -133,7 +133,7 @@ def _assign_ids(plans: list[SubjectPlan], rng: np.random.Generator) -> list[Subj
             n_testing += 1
             assigned.append(_with(plan, f"patient{100 + n_testing:03d}", "testing"))
     taken: set[str] = set()
-    for vendor in CLIENTS:
+    for vendor in SITES:
         vendor_plans = [p for p in plans if p.dataset == "mnms" and p.vendor == vendor]
         quotas = largest_remainder(len(vendor_plans), {k: float(v) for k, v in MNMS_FOLDERS[vendor].items()})
         training = next((folder for folder in quotas if folder.startswith("Training")), None)
@@ -154,17 +154,17 @@ def _with(plan: SubjectPlan, pid: str, folder: str) -> SubjectPlan:
     return SubjectPlan(plan.vendor, plan.dataset, plan.pathology, plan.index, pid, folder)
 
 
-def plan_cohort(seed: int, subjects_per_vendor: int, vendors: Sequence[str] = CLIENTS) -> list[SubjectPlan]:
-    """The whole cohort plan (deterministic for a seed and a vendor list), vendors in CLIENTS order."""
-    unknown = sorted(set(vendors) - set(CLIENTS))
+def plan_cohort(seed: int, subjects_per_vendor: int, vendors: Sequence[str] = SITES) -> list[SubjectPlan]:
+    """The whole cohort plan (deterministic for a seed and a vendor list), vendors in SITES order."""
+    unknown = sorted(set(vendors) - set(SITES))
     if unknown or not vendors:
-        raise ValueError(f"--vendors {list(vendors)}: choose one or more of {', '.join(CLIENTS)}")
+        raise ValueError(f"--vendors {list(vendors)}: choose one or more of {', '.join(SITES)}")
     if subjects_per_vendor < 1:
         raise ValueError("--subjects-per-vendor must be at least 1")
     if subjects_per_vendor > 400:
         raise ValueError("--subjects-per-vendor above 400 would overflow the 3-digit M&Ms-2 ids")
     rng = np.random.default_rng([seed, 0])
-    chosen = [vendor for vendor in CLIENTS if vendor in vendors]
+    chosen = [vendor for vendor in SITES if vendor in vendors]
     plans = [plan for vendor in chosen for plan in plan_vendor(vendor, subjects_per_vendor, rng)]
     return _assign_ids(plans, rng)
 
@@ -235,7 +235,7 @@ def synthesize(
     seed: int,
     subjects_per_vendor: int,
     workers: int = 1,
-    vendors: Sequence[str] = CLIENTS,
+    vendors: Sequence[str] = SITES,
     render_profile: str | None = None,
 ) -> list[SubjectPlan]:
     """Write the whole cohort under `out` and return its plan (identical output for any number of workers)."""
@@ -267,7 +267,7 @@ def synthesize(
 def class_counts(plans: Sequence[SubjectPlan]) -> str:
     """Per-vendor class counts of a plan, one line per vendor."""
     lines = []
-    for vendor in sorted({p.vendor for p in plans}, key=CLIENTS.index):
+    for vendor in sorted({p.vendor for p in plans}, key=SITES.index):
         counts = Counter(p.pathology for p in plans if p.vendor == vendor)
         datasets = Counter(p.dataset for p in plans if p.vendor == vendor)
         healthy = counts.get("NOR", 0)
@@ -287,8 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--vendors",
         nargs="+",
-        default=list(CLIENTS),
-        choices=CLIENTS,
+        default=list(SITES),
+        choices=SITES,
         help="restrict the cohort to these vendors (e.g. `--vendors siemens` for a Siemens-only cohort)",
     )
     parser.add_argument(

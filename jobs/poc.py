@@ -13,21 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from jobs.recipe import SITES
+from jobs.processes import processes_in, stop_processes_in, wait_until_gone
+from models.protocol import DATA_ENV, SITES
 
 PROJECT_NAME = "med_duallora_poc"
-SERVER_HOST = "127.0.0.1"
 ADMIN = "admin@nvidia.com"
+SERVER_HOST = "127.0.0.1"
 
 
 def free_port() -> int:
@@ -103,34 +102,17 @@ class PocNetwork:
         return self.prod_dir / site / job_id
 
     def stop(self) -> None:
-        """Ask the network to shut down, then end, by pid, every process still running from this workspace."""
+        """Ask the network to shut down, then end every process still running from this workspace."""
         try:
             self._nvflare("poc", "stop", timeout=120)
         except (subprocess.SubprocessError, OSError) as error:
             print(f"poc stop failed ({error}); ending the processes directly", file=sys.stderr)
-        deadline = time.monotonic() + 30
-        while self.running_pids() and time.monotonic() < deadline:
-            time.sleep(1)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in self.running_pids():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
+        wait_until_gone(self.poc_dir, timeout_seconds=30)
+        stop_processes_in(self.poc_dir)
 
     def running_pids(self) -> list[int]:
         """Processes whose command line names this POC workspace (start scripts, server, clients, jobs)."""
-        marker = str(self.poc_dir).encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                try:
-                    if marker in (entry / "cmdline").read_bytes():
-                        pids.append(int(entry.name))
-                except OSError:
-                    continue
-        return pids
+        return [process.pid for process in processes_in(self.poc_dir)]
 
     def _nvflare(self, *args: str, timeout: int = 600) -> str:
         command = ["nvflare", *args]
@@ -151,7 +133,7 @@ class PocNetwork:
 
 def run_job(job_dir: str | Path, workspace: str | Path, data_root: str, timeout: int = 900, port=None) -> dict:
     """Run one job on a fresh loopback POC network; returns the job id, status and result folders."""
-    with PocNetwork(workspace, port=port, env={"MED_DUALLORA_DATA": str(Path(data_root).resolve())}) as network:
+    with PocNetwork(workspace, port=port, env={DATA_ENV: str(Path(data_root).resolve())}) as network:
         job_id = network.submit(job_dir)
         status = network.wait(job_id, timeout)
         server_dir = network.download(job_id)
@@ -163,12 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="jobs/med_duallora", help="exported job folder")
     parser.add_argument("--workspace", default="runs/poc", help="everything the POC run writes goes here")
-    parser.add_argument("--data", default=os.environ.get("MED_DUALLORA_DATA"), help="prepared data root")
+    parser.add_argument("--data", default=os.environ.get(DATA_ENV), help="prepared data root")
     parser.add_argument("--port", type=int, default=None, help="server port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds to wait for the job")
     args = parser.parse_args(argv)
     if not args.data:
-        parser.error("give --data or set MED_DUALLORA_DATA to a prepared data root")
+        parser.error(f"give --data or set {DATA_ENV} to a prepared data root")
     result = run_job(args.job, args.workspace, args.data, args.timeout, args.port)
     print(json.dumps(result, indent=2))
     return 0 if result["status"] == "FINISHED:COMPLETED" else 1

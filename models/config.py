@@ -139,7 +139,7 @@ class ConvViTConfig:
         size = reader.get("model.convvit.size")
         if size in CINEMA_SIZES:
             embed_dim, depth, n_heads = CINEMA_SIZES[size]
-        elif size in CPU_PRESETS:  # our own CPU sizes, written by save_cinema / app.pretrain
+        elif size in CPU_PRESETS:  # our own CPU sizes, written by save_cinema / experiments.pretrain
             embed_dim, depth, n_heads = (CPU_PRESETS[size][k] for k in ("embed_dim", "depth", "n_heads"))
         else:
             raise ValueError(f"{path}: field model.convvit.size is {size!r}; expected one of {list(PRESET_NAMES)}")

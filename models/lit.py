@@ -23,6 +23,7 @@ from models.dual_lora import (
 )
 from models.loading import load_cinema
 from models.metrics import DEFAULT_THRESHOLD, METRIC_NAMES, choose_threshold, detection_metrics
+from models.policy import SharingPolicy
 from models.prefix_cache import DEFAULT_CACHE_BYTES, PrefixCache, run_frozen_prefix
 from models.standin import resolve_backbone
 
@@ -71,6 +72,16 @@ QUIET_TRAINER_KWARGS: dict[str, object] = {
 }
 
 
+def _as_tensor(value: Any) -> torch.Tensor | None:
+    """`value` as a tensor, None when it cannot be one (a string, a dict, ragged lists)."""
+    if isinstance(value, str | bytes):
+        return None
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 class EvalBatch(NamedTuple):
     """One evaluated batch, kept until the epoch ends: logits, class targets, and each subject's client and id."""
 
@@ -97,8 +108,7 @@ class DualLoRAClassifier(pl.LightningModule):
         cinema_config: str | None = None,
         weights: str | None = None,
         adapter: DualLoRAConfig | None = None,
-        policy: str = "med_duallora",
-        share_head: bool | None = None,
+        policy: str | Mapping[str, Any] | SharingPolicy = "med_duallora",
         task: Literal["binary", "multiclass"] = "binary",
         classes: str | list[str] | None = None,
         lr: float = 1e-3,
@@ -123,7 +133,9 @@ class DualLoRAClassifier(pl.LightningModule):
             weights: local CineMA `.safetensors` (fine-tuned or pretrained MAE); `standin` = the committed stand-in
                 with its config; None or `random` = a random backbone, with a loud warning.
             adapter: placement and size of the LoRA adapters (default: r=8, alpha=16, q/kv/proj, last two blocks).
-            policy: sharing policy name (models.policy.POLICY_NAMES); share_head overrides its default.
+            policy: the run's sharing policy, as built once for the run (a SharingPolicy or its `to_dict` form,
+                which a federated site receives from the job), or a method name (models.policy.POLICY_NAMES) with its
+                defaults, as the centralized baseline's config gives it.
             task: `binary` (label 0 = NOR, 1 = diseased) or `multiclass` on the batch's `pathology`.
             classes: multiclass class list, or a CineMA dataset name (`acdc`, `mnms`, `mnms2`); must contain NOR.
             lr, weight_decay, warmup_epochs, max_epochs, min_lr: AdamW (no decay on 1-D params), linear warm-up
@@ -140,7 +152,7 @@ class DualLoRAClassifier(pl.LightningModule):
                 w_round_start being their values when fitting starts (the received global model); 0 = off.
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["policy"])
         self.adapter_config = adapter or DualLoRAConfig()
         self.class_names = self._class_names(task, classes)
         n_classes = len(self.class_names) if self.class_names else 2
@@ -149,11 +161,14 @@ class DualLoRAClassifier(pl.LightningModule):
             model_config = ConvViTConfig.from_cinema_yaml(cinema_config, n_classes=n_classes)
         else:
             model_config = ConvViTConfig.preset(backbone, **{"n_classes": n_classes, **(backbone_overrides or {})})
+        self.policy = self._resolve_policy(policy, model_config.depth)
+        self.hparams["policy"] = self.policy.to_dict()
         convvit = load_cinema(weights, model_config)
         convvit.set_grad_ckpt(grad_ckpt)
-        self.policy = build_policy(policy, self.adapter_config, model_config.depth, share_head)
-        if eval_global_only and set(self.policy.adapters) != {"global", "local"}:
-            raise ValueError(f"eval_global_only needs both adapters; policy {policy} has {list(self.policy.adapters)}")
+        if eval_global_only and not self.policy.is_dual:
+            raise ValueError(
+                f"eval_global_only needs both adapters; policy {self.policy.name} has {list(self.policy.adapters)}"
+            )
         self.model = add_adapters(convvit, self.adapter_config, self.policy)
         self.start_block = first_trained_block(self.model, self.policy)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if use_prefix_cache or cache_train_prefix else None
@@ -165,6 +180,14 @@ class DualLoRAClassifier(pl.LightningModule):
         # `model` for the module as it is, `global_only` for its global adapter alone.
         self.thresholds: dict[str, float] = {"model": DEFAULT_THRESHOLD, "global_only": DEFAULT_THRESHOLD}
         self._proximal_anchor: dict[str, torch.Tensor] = {}
+
+    def _resolve_policy(self, policy: str | Mapping[str, Any] | SharingPolicy, depth: int) -> SharingPolicy:
+        if isinstance(policy, SharingPolicy):
+            return policy
+        if isinstance(policy, Mapping):
+            return SharingPolicy.from_dict(policy, source="DualLoRAClassifier(policy=...)")
+        # A method name: this run's one construction of its policy (the centralized baseline's config).
+        return build_policy(policy, self.adapter_config, depth)
 
     @staticmethod
     def _class_names(task: str, classes: str | list[str] | None) -> list[str] | None:
@@ -391,14 +414,34 @@ class DualLoRAClassifier(pl.LightningModule):
         """The entries the policy lets leave the site (`model.`-prefixed keys)."""
         return self.policy.shared_state_dict(self.state_dict())
 
-    def load_shared_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load an aggregated global model: every key must be shared by the policy and exist in this module."""
+    def global_model_problems(self, state: Mapping[str, Any]) -> list[str]:
+        """Why `state` is not a global model of this module's policy (empty when it is one): every key must be
+        shared by the policy and exist here, every shared key must be there, and each value must be a floating
+        tensor or array of this module's shape."""
+        own = self.shared_state_dict()
+        problems = []
         refused = sorted(key for key in state if not self.policy.is_shared(key))
         if refused:
-            raise ValueError(f"policy {self.policy.name} does not share keys {refused[:5]} ({len(refused)} in all)")
-        result = self.load_state_dict(dict(state), strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"keys not in this model: {result.unexpected_keys[:5]}")
+            problems.append(f"policy {self.policy.name} does not share keys {refused[:5]} ({len(refused)} in all)")
+        unknown = sorted(key for key in state if self.policy.is_shared(key) and key not in own)
+        if unknown:
+            problems.append(f"keys not in this model: {unknown[:5]}")
+        missing = sorted(set(own) - set(state))
+        if missing:
+            problems.append(f"shared keys missing: {missing[:5]} ({len(missing)} in all)")
+        for key in sorted(set(state) & set(own)):
+            value = _as_tensor(state[key])
+            if value is None or not value.is_floating_point() or tuple(value.shape) != tuple(own[key].shape):
+                described = type(state[key]).__name__ if value is None else f"{value.dtype} {tuple(value.shape)}"
+                problems.append(f"{key} is {described}, this model has {own[key].dtype} {tuple(own[key].shape)}")
+        return problems
+
+    def load_shared_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load an aggregated global model after checking it against the policy (`global_model_problems`)."""
+        problems = self.global_model_problems(state)
+        if problems:
+            raise ValueError("not a global model of this site's policy: " + "; ".join(problems))
+        self.load_state_dict({key: torch.as_tensor(value) for key, value in state.items()}, strict=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.policy.is_trainable(k)}

@@ -14,10 +14,11 @@ __all__ = [
     "ADAPTER_NAMES",
     "POLICY_NAMES",
     "SharingPolicy",
+    "adapter_of",
     "canonical_key",
+    "fine_tunes_blocks",
     "get_policy",
     "parameter_counts",
-    "shared_keys",
 ]
 
 ADAPTER_NAMES = ("global", "local")
@@ -40,6 +41,12 @@ def canonical_key(key: str) -> str:
                 key = key[len(prefix) :]
                 stripped = True
     return key.replace(".base_layer.", ".")
+
+
+def adapter_of(key: str) -> str | None:
+    """The adapter (`global` or `local`) a LoRA weight belongs to; None for any other key."""
+    lora = _LORA_KEY.fullmatch(canonical_key(key))
+    return lora.group(3) if lora else None
 
 
 def key_part(key: str, full_blocks: Iterable[int] = ()) -> str | None:
@@ -123,16 +130,39 @@ class SharingPolicy:
         """The entries of `state_dict` that this policy shares (keys unchanged)."""
         return {key: value for key, value in state_dict.items() if self.is_shared(key)}
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-friendly description, for logs and job configs."""
+    def to_dict(self) -> dict[str, Any]:
+        """The serialised policy (JSON-ready): what a job config, the filter, the aggregator and the site receive."""
         return {
             "name": self.name,
             "adapters": list(self.adapters),
             "trainable_parts": sorted(self.trainable_parts),
             "shared_parts": sorted(self.shared_parts),
             "full_blocks": list(self.full_blocks),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "policy") -> SharingPolicy:
+        """The policy `to_dict` wrote. Fails closed: it must be exactly a known method's policy (with its head
+        setting and fully tuned blocks), so no hand-edited config can make a method share more than it does."""
+        fields = ("name", "adapters", "trainable_parts", "shared_parts", "full_blocks")
+        if not isinstance(data, Mapping) or sorted(data) != sorted(fields):
+            got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"{source}: a serialised policy has the fields {list(fields)}, got {got}")
+        share_head = "head" in data["shared_parts"]
+        expected = get_policy(data["name"], share_head=share_head, full_blocks=data["full_blocks"] or None)
+        if expected.to_dict() != {key: data[key] for key in fields}:
+            raise ValueError(f"{source}: {dict(data)} is not the {data['name']} policy ({expected.to_dict()})")
+        return expected
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly description, for logs and reports: the serialised policy and its derived facts."""
+        return {
+            **self.to_dict(),
             "share_head": self.share_head,
             "freeze_lora_A": self.freeze_lora_A,
+            "is_dual": self.is_dual,
+            "has_private_parts": self.has_private_parts,
+            "has_global_model": self.has_global_model,
         }
 
 
@@ -152,21 +182,28 @@ _METHODS: dict[str, tuple[tuple[str, ...], set[str], set[str], bool]] = {
 }
 
 
+def fine_tunes_blocks(name: str) -> bool:
+    """Whether the method fine-tunes whole encoder blocks (then `get_policy` needs their indices)."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown sharing policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    return "block" in _METHODS[name][1]
+
+
 def get_policy(name: str, share_head: bool | None = None, full_blocks: Iterable[int] | None = None) -> SharingPolicy:
     """The named policy. `share_head` overrides the method's default; `full_blocks` is required by `fedavg_full`."""
     if name not in _METHODS:
         raise ValueError(f"unknown sharing policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
     adapters, trainable, shared, default_share_head = _METHODS[name]
     share_head = default_share_head if share_head is None else share_head
-    if name == "local_only" and share_head:
-        raise ValueError("policy local_only shares nothing; share_head=True contradicts it")
+    if share_head and not shared:
+        raise ValueError(f"policy {name} shares nothing; share_head=True contradicts it")
     blocks: tuple[int, ...] = ()
-    if name == "fedavg_full":
+    if fine_tunes_blocks(name):
         if not full_blocks:
-            raise ValueError("policy fedavg_full needs full_blocks: the encoder block indices to fine-tune fully")
+            raise ValueError(f"policy {name} needs full_blocks: the encoder block indices to fine-tune fully")
         blocks = tuple(sorted({int(i) for i in full_blocks}))
         if blocks[0] < 0:
-            raise ValueError(f"policy fedavg_full: full_blocks must be non-negative indices, got {list(blocks)}")
+            raise ValueError(f"policy {name}: full_blocks must be non-negative indices, got {list(blocks)}")
     elif full_blocks:
         raise ValueError(f"policy {name} adapts LoRA blocks; full_blocks is only for fedavg_full")
     return SharingPolicy(
@@ -176,12 +213,6 @@ def get_policy(name: str, share_head: bool | None = None, full_blocks: Iterable[
         shared_parts=frozenset(shared | ({"head"} if share_head else set())),
         full_blocks=blocks,
     )
-
-
-def shared_keys(model: nn.Module | Mapping[str, torch.Tensor], policy: SharingPolicy) -> list[str]:
-    """Keys of a model's state dict (or of a state dict) that the policy shares, in state-dict order."""
-    keys = model.state_dict().keys() if isinstance(model, nn.Module) else model.keys()
-    return [key for key in keys if policy.is_shared(key)]
 
 
 def parameter_counts(model: nn.Module, policy: SharingPolicy) -> dict[str, int]:

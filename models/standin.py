@@ -1,6 +1,7 @@
 """The committed stand-in foundation model (models/pretrained/standin/): its files, record and integrity check.
 
-It stands in for CineMA's pretrained weights, which cannot be downloaded here; `python -m app.pretrain` makes it.
+It stands in for CineMA's pretrained weights, which cannot be downloaded here; `python -m experiments.pretrain`
+makes it.
 Site scripts and jobs name it with the token `standin` instead of a path, so a job folder carries no path.
 """
 
@@ -31,7 +32,7 @@ def read_record(directory: Path = STANDIN_DIR) -> dict[str, Any]:
     """The stand-in's record.json; a missing file or field is an error naming it."""
     path = Path(directory) / RECORD_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no stand-in record (`python -m app.pretrain` makes one)")
+        raise FileNotFoundError(f"{path}: no stand-in record (`python -m experiments.pretrain` makes one)")
     record = json.loads(path.read_text(encoding="utf-8"))
     missing = [field for field in RECORD_FIELDS if field not in record]
     if missing:

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom.site_state import STATE_ENV
 from data_prep.prepare import run_prepare
 from data_prep.preprocess import Geometry
 from data_prep.synthesize import synthesize
-from jobs.recipe import SITES
 from jobs.simulate import SimulatorRun, run_simulator
+from models.protocol import DATA_ENV, SITES, STATE_ENV
 
 SUBJECTS_PER_VENDOR = 6
 TEST_GEOMETRY = Geometry(crop=(64, 64), spacing=(3.0, 3.0, 10.0), depth=8)  # the stand-in backbone's input
@@ -136,7 +135,7 @@ def simulate_sites(prepared_root: Path) -> Callable[..., SimulatorRun]:
     """Runs a job folder in the real NVFlare simulator: four vendor sites as 4 threads over `prepared_root`."""
 
     def run(job_dir: Path, root: Path, state_root: Path | None = None) -> SimulatorRun:
-        env = {"MED_DUALLORA_DATA": str(prepared_root), STATE_ENV: str(state_root or root / "site_state")}
+        env = {DATA_ENV: str(prepared_root), STATE_ENV: str(state_root or root / "site_state")}
         return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
 
     return run

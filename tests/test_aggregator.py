@@ -16,7 +16,9 @@ from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 
-from custom.aggregators import AUDIT_FILE, SharedKeyAggregator
+from custom.aggregators import SharedKeyAggregator
+from models.policy import get_policy
+from models.protocol import AUDIT_FILE
 
 GLOBAL_A = "model.base_model.model.encoder.blocks.3.attn.q.lora_A.global.weight"
 GLOBAL_B = "model.base_model.model.encoder.blocks.3.attn.q.lora_B.global.weight"
@@ -51,7 +53,7 @@ def aggregator(tmp_path) -> SharedKeyAggregator:
     ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=True)
     ctx.set_prop(AppConstants.CURRENT_ROUND, 2, private=True, sticky=False)
     (tmp_path / "job1").mkdir()
-    agg = SharedKeyAggregator("med_duallora")
+    agg = SharedKeyAggregator(get_policy("med_duallora").to_dict())
     agg.fl_ctx = ctx
     return agg
 

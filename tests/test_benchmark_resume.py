@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from app.benchmark import MARKER_NAME, ConfigurationMismatch, build_specs, check_configuration, run_pending
-from app.report import write_report
+from experiments.benchmark import MARKER_NAME, ConfigurationMismatch, build_specs, check_configuration, run_pending
+from experiments.report import write_report
 
 SITES = ("siemens", "philips", "ge", "canon")
 
@@ -133,7 +133,7 @@ def test_keep_going_records_a_failed_run_and_redoes_it_next_time(tmp_path):
 
 
 def test_client_reported_metrics_give_site_rows_without_a_computed_pooled_row():
-    from app.report import result_rows
+    from experiments.report import result_rows
 
     metrics = {"bal_acc": 0.75, "sensitivity": 1.0, "specificity": 0.5, "auroc": 0.9, "mcc": 0.5, "f1": 0.8}
     record = fake_record("fedit", 0) | {"method": "fedit", "seed": 0}

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from app.centralized import run
+from models.protocol import DATA_ENV
 
 CONFIG = Path(__file__).resolve().parents[1] / "app" / "configs" / "centralized_micro.yaml"
 SHAPE = (64, 64, 8)  # the micro preset's input
-CLIENTS = ("ge", "canon")
+SITES = ("ge", "canon")
 SPLIT_SIZES = {"train": 48, "val": 8, "test": 32}  # per client
 
 
@@ -38,7 +39,7 @@ def write_prepared_root(root: Path, seed: int = 0) -> Path:
     """A prepared root in the data_prep layout (manifest.csv + NIfTI (X, Y, Z, 2) uint8 volumes)."""
     rng = np.random.default_rng(seed)
     rows = []
-    for client in CLIENTS:
+    for client in SITES:
         for split, size in SPLIT_SIZES.items():
             for index in range(size):
                 label = index % 2
@@ -87,15 +88,15 @@ def test_centralized_fit_learns_a_held_out_task_and_reports_per_vendor(synthetic
         ]
     )
     assert json.loads(metrics_path.read_text()) == report
-    assert report["kind"] == "centralized" and report["trained_on"] == sorted(CLIENTS)
+    assert report["kind"] == "centralized" and report["trained_on"] == sorted(SITES)
     assert report["train_samples"] == 2 * SPLIT_SIZES["train"] and report["epochs"] == 20
     test = report["test"]
     assert test["pooled"]["n"] == 2 * SPLIT_SIZES["test"]
-    assert sorted(test["clients"]) == sorted(CLIENTS)
-    assert all(test["clients"][client]["n"] == SPLIT_SIZES["test"] for client in CLIENTS)
+    assert sorted(test["clients"]) == sorted(SITES)
+    assert all(test["clients"][client]["n"] == SPLIT_SIZES["test"] for client in SITES)
     assert test["pooled"]["bal_acc"] >= 0.75, test["pooled"]
     assert test["pooled"]["auroc"] >= 0.85, test["pooled"]
-    for client in CLIENTS:
+    for client in SITES:
         assert test["clients"][client]["bal_acc"] >= 0.65, (client, test["clients"][client])
     expected_mean = (test["clients"]["ge"]["bal_acc"] + test["clients"]["canon"]["bal_acc"]) / 2
     assert math.isclose(test["mean_over_clients"]["bal_acc"], expected_mean)
@@ -120,7 +121,7 @@ def test_local_only_baseline_trains_and_tests_one_site(synthetic_root, tmp_path)
 def test_centralized_runs_on_the_prepared_cohort_and_tests_every_vendor(prepared_root, tmp_path):
     """The data_prep output (synthetic cohort through the real pipeline), read from $MED_DUALLORA_DATA."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MED_DUALLORA_DATA", str(prepared_root))
+        patch.setenv(DATA_ENV, str(prepared_root))
         report = run([f"--config={CONFIG}", f"--metrics_out={tmp_path / 'm.json'}", "--trainer.max_epochs=1"])
     with (prepared_root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))

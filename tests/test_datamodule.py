@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.datamodule import DATA_ENV, VendorDataModule
+from data_prep.datamodule import VendorDataModule
 from data_prep.preprocess import read_volume
 from data_prep.report import read_manifest
+from models.protocol import DATA_ENV
 
 
 def _first_batch(module: VendorDataModule, split: str = "train") -> dict:

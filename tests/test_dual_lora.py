@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file
 
 from models.config import ConvViTConfig
 from models.convvit import ConvViT
 from models.dual_lora import (
-    HEADS_FILE,
     DualLoRAConfig,
     adapters_active,
     add_adapters,
     build_policy,
-    load_site_adapters,
-    save_site_adapters,
 )
 from models.policy import POLICY_NAMES, get_policy
 
@@ -152,49 +145,6 @@ def build_trained_site(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     with torch.no_grad():
         model.base_model.model.pred_head_dict["sax"].bias.add_(0.5)
     return model, model(make_input())
-
-
-def test_site_adapters_round_trip_through_our_loader(tmp_path):
-    policy = get_policy("med_duallora")
-    model, reference = build_trained_site()
-    save_site_adapters(model, tmp_path / "site", policy)
-    fresh = add_adapters(make_backbone(), DualLoRAConfig(local_r=4), policy).eval()
-    assert not torch.equal(fresh(make_input()), reference)
-    load_site_adapters(fresh, tmp_path / "site", policy)
-    assert torch.equal(fresh(make_input()), reference)
-    assert sorted(fresh.base_model.active_adapters) == ["global", "local"]
-
-
-def test_site_adapters_reload_with_peft_alone(tmp_path):
-    model, reference = build_trained_site()
-    saved = save_site_adapters(model, tmp_path / "site", get_policy("med_duallora"))
-    for adapter in ("global", "local"):
-        config = json.loads((saved / adapter / "adapter_config.json").read_text())
-        assert config["peft_type"] == "LORA" and config["r"] == (8 if adapter == "global" else 4)
-        assert (saved / adapter / "adapter_model.safetensors").is_file()
-    backbone = make_backbone()
-    backbone.load_state_dict(load_file(str(saved / HEADS_FILE)), strict=False)
-    peft_model = PeftModel.from_pretrained(backbone, str(saved / "global"), adapter_name="global")
-    peft_model.load_adapter(str(saved / "local"), adapter_name="local")
-    peft_model.base_model.set_adapter(["global", "local"])
-    assert torch.equal(peft_model.eval()(make_input()), reference)
-
-
-def test_saving_again_replaces_the_directory_atomically(tmp_path):
-    policy = get_policy("med_duallora")
-    model, _ = build_trained_site()
-    save_site_adapters(model, tmp_path / "site", policy)
-    save_site_adapters(model, tmp_path / "site", policy)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
-
-
-def test_loading_adapters_of_another_rank_names_the_file_and_field(tmp_path):
-    policy = get_policy("med_duallora")
-    model, _ = build_trained_site()
-    save_site_adapters(model, tmp_path / "site", policy)
-    other = add_adapters(make_backbone(), DualLoRAConfig(local_r=2), policy)
-    with pytest.raises(ValueError, match=r"local/adapter_config\.json: field r"):
-        load_site_adapters(other, tmp_path / "site", policy)
 
 
 def test_config_rejects_bad_values_and_resolves_blocks():

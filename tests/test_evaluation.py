@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from app.evaluation import Confusion, binary_metrics, mean_over_sites, mean_std, weighted_mean_over_sites
-from models.metrics import detection_metrics
+from models.metrics import (
+    Confusion,
+    binary_metrics,
+    detection_metrics,
+    mean_over_sites,
+    mean_std,
+    weighted_mean_over_sites,
+)
 
 
 def test_confusion_counts_each_cell():

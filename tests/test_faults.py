@@ -30,7 +30,7 @@ class DieMidRound(pl.Callback):
 
 
 _make_trainer = client.make_trainer
-client.make_trainer = lambda args, root, callbacks: _make_trainer(args, root, [*callbacks, DieMidRound()])
+client.make_trainer = lambda config, root, callbacks: _make_trainer(config, root, [*callbacks, DieMidRound()])
 client.main()
 """
 
@@ -40,7 +40,7 @@ def run_with_dying_site(simulate_sites, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("dying")
     script = root / "dying_client.py"
     script.write_text(DYING_CLIENT)
-    config = FederationConfig(rounds=2, local_epochs=1, min_clients=3)
+    config = FederationConfig.for_method(rounds=2, local_epochs=1, min_clients=3)
     return simulate_sites(export_job(config, root / "jobs", train_script=str(script)), root, root / "state")
 
 

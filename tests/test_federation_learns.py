@@ -14,22 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.client import build_module
-from app.pretrain import assert_disjoint_from_standin
-from custom.site_state import STATE_ENV, state_digest
+from custom.site_state import state_digest
+from data_prep.cohort import assert_disjoint_from_standin
 from data_prep.datamodule import VendorDataModule
 from data_prep.prepare import main as prepare_main
 from data_prep.synthesize import synthesize
-from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state, site_arguments
+from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state
 from jobs.simulate import run_simulator
 from models.dual_lora import adapters_active
 from models.lit import DualLoRAClassifier
 from models.metrics import detection_metrics
+from models.protocol import DATA_ENV, STATE_ENV
 from models.standin import prepare_args
 
 pytestmark = pytest.mark.slow
 
-CONFIG = FederationConfig(rounds=3, local_epochs=15, min_clients=4, name="learns")
+CONFIG = FederationConfig.for_method(rounds=3, local_epochs=15, min_clients=4, name="learns")
 AUROC_FLOOR = 0.75
 """Pooled validation AUROC the final global model must reach. Measured: 0.82 after these 3 rounds, 0.62 for the
 initial global model (zero B, fresh head on the stand-in's features), over 56 validation subjects (15 healthy:
@@ -55,7 +55,7 @@ def learning_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def learned(learning_root: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("learns")
-    env = {"MED_DUALLORA_DATA": str(learning_root), STATE_ENV: str(root / "site_state")}
+    env = {DATA_ENV: str(learning_root), STATE_ENV: str(root / "site_state")}
     job = export_job(CONFIG, root / "jobs")
     return run_simulator(job, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
 
@@ -63,7 +63,7 @@ def learned(learning_root: Path, tmp_path_factory: pytest.TempPathFactory):
 @torch.no_grad()
 def global_only_validation(state: dict[str, torch.Tensor], prepared: Path) -> dict[str, dict[str, float]]:
     """P(diseased) of the global adapter alone (with the shared head) for every validation subject, by site."""
-    module: DualLoRAClassifier = build_module(site_arguments(CONFIG))
+    module: DualLoRAClassifier = CONFIG.site_config.build_module()
     module.load_shared_state_dict(state)
     module.eval()
     scores: dict[str, dict[str, float]] = {}

@@ -13,6 +13,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from custom.filters import LeakError, SharedKeysOnly
 from models.lit import DualLoRAClassifier
+from models.policy import get_policy
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +22,16 @@ def site_state() -> dict[str, torch.Tensor]:
     return DualLoRAClassifier(backbone="micro", policy="med_duallora").state_dict()
 
 
+MED_DUALLORA = get_policy("med_duallora").to_dict()
+
+
 def _filtered(filter_: SharedKeysOnly, params: dict, metrics: dict | None = None, meta: dict | None = None) -> DXO:
     shareable = FLModelUtils.to_shareable(FLModel(params=params, metrics=metrics, meta=meta or {}))
     return from_shareable(filter_.process(shareable, FLContext()))
 
 
 def test_only_global_adapter_and_head_leave(site_state):
-    kept = _filtered(SharedKeysOnly("med_duallora"), dict(site_state)).data
+    kept = _filtered(SharedKeysOnly(MED_DUALLORA), dict(site_state)).data
     assert kept, "the global adapter must be sent"
     assert all(".global." in key or "pred_head_dict" in key for key in kept)
     assert not any(".local." in key for key in kept)
@@ -37,7 +41,7 @@ def test_only_global_adapter_and_head_leave(site_state):
 
 
 def test_local_head_stays_when_not_shared(site_state):
-    kept = _filtered(SharedKeysOnly("med_duallora", share_head=False), dict(site_state)).data
+    kept = _filtered(SharedKeysOnly(get_policy("med_duallora", share_head=False).to_dict()), dict(site_state)).data
     assert kept and not any("pred_head_dict" in key for key in kept)
 
 
@@ -45,20 +49,20 @@ def test_unknown_and_injected_keys_are_stripped(site_state):
     params = dict(site_state)
     params["model.base_model.model.encoder.blocks.3.attn.q.lora_A.backdoor.weight"] = torch.ones(2, 2)
     params["site_statistics"] = torch.ones(3)
-    kept = _filtered(SharedKeysOnly("med_duallora"), params).data
+    kept = _filtered(SharedKeysOnly(MED_DUALLORA), params).data
     assert "site_statistics" not in kept
     assert not any(".backdoor." in key for key in kept)
 
 
 def test_fedsa_sends_only_lora_a(site_state):
     fedsa_state = DualLoRAClassifier(backbone="micro", policy="fedsa_lora").state_dict()
-    kept = _filtered(SharedKeysOnly("fedsa_lora"), dict(fedsa_state)).data
+    kept = _filtered(SharedKeysOnly(get_policy("fedsa_lora").to_dict()), dict(fedsa_state)).data
     assert kept and all(".lora_A.global." in key for key in kept)
 
 
 def test_arrays_in_metadata_are_dropped_but_metrics_kept(site_state):
     dxo = _filtered(
-        SharedKeysOnly("med_duallora"),
+        SharedKeysOnly(MED_DUALLORA),
         dict(site_state),
         metrics={"val_bal_acc": 0.75},
         meta={"num_train_samples": 12, "smuggled": torch.ones(4)},
@@ -71,27 +75,27 @@ def test_arrays_in_metadata_are_dropped_but_metrics_kept(site_state):
 def test_a_result_without_any_shared_key_is_refused(site_state):
     local_only = {key: value for key, value in site_state.items() if ".local." in key}
     with pytest.raises(LeakError, match="none of the"):
-        _filtered(SharedKeysOnly("med_duallora"), local_only)
+        _filtered(SharedKeysOnly(MED_DUALLORA), local_only)
 
 
 def test_a_result_that_is_not_a_dxo_is_refused():
     shareable = Shareable()
     shareable["weights"] = {"model.base_model.model.encoder.blocks.3.attn.q.lora_A.local.weight": torch.ones(2)}
     with pytest.raises(LeakError, match="not a DXO"):
-        SharedKeysOnly("med_duallora").process(shareable, FLContext())
+        SharedKeysOnly(MED_DUALLORA).process(shareable, FLContext())
 
 
 def test_metrics_results_keep_only_scalars():
     dxo = DXO(DataKind.METRICS, data={"bal_acc": 0.5, "weights": torch.ones(3), "note": "ok"})
-    result = from_shareable(SharedKeysOnly("med_duallora").process(dxo.to_shareable(), FLContext()))
+    result = from_shareable(SharedKeysOnly(MED_DUALLORA).process(dxo.to_shareable(), FLContext()))
     assert result.data == {"bal_acc": 0.5, "note": "ok"}
 
 
 def test_error_replies_pass_unchanged():
     reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-    assert SharedKeysOnly("med_duallora").process(reply, FLContext()) is reply
+    assert SharedKeysOnly(MED_DUALLORA).process(reply, FLContext()) is reply
 
 
 def test_local_only_may_send_nothing(site_state):
     local_state = DualLoRAClassifier(backbone="micro", policy="local_only").state_dict()
-    assert _filtered(SharedKeysOnly("local_only"), dict(local_state)).data == {}
+    assert _filtered(SharedKeysOnly(get_policy("local_only").to_dict()), dict(local_state)).data == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from jobs.job import config_from_args, parse_args
-from jobs.recipe import INITIAL_CHECKPOINT, PACKAGES, REPO, SITES, FederationConfig, export_job, site_policy
-from models.policy import POLICY_NAMES
+from jobs.recipe import INITIAL_CHECKPOINT, PACKAGES, REPO, SITES, FederationConfig, export_job
+from models.policy import POLICY_NAMES, get_policy
 
 COMMITTED = REPO / "jobs" / "med_duallora"
 
@@ -31,7 +33,7 @@ def _configs(job: Path) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def fresh_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_job(FederationConfig(), tmp_path_factory.mktemp("export"))
+    return export_job(FederationConfig.for_method(), tmp_path_factory.mktemp("export"))
 
 
 def test_committed_job_equals_a_fresh_export(fresh_export):
@@ -47,7 +49,7 @@ def test_every_committed_method_job_equals_a_fresh_export(method, tmp_path):
     assert committed.is_dir(), (
         f"jobs/{method}/ is missing: run `python jobs/job.py export --method {method} --out jobs`"
     )
-    fresh = export_job(FederationConfig(method=method), tmp_path)
+    fresh = export_job(FederationConfig.for_method(method), tmp_path)
     assert _files(committed) == _files(fresh), (
         f"jobs/{method}/ is stale: run `python jobs/job.py export --method {method}`"
     )
@@ -77,7 +79,7 @@ def test_the_server_is_adapter_only_and_tolerates_a_missing_site(fresh_export):
     assert workflow["args"]["aggregator"]["path"] == "custom.aggregators.SharedKeyAggregator"
     assert workflow["args"]["min_responses"] == FederationConfig.min_clients < 4
     checkpoint = torch.load(fresh_export / "app" / "custom" / INITIAL_CHECKPOINT, weights_only=True)
-    policy = site_policy(FederationConfig())
+    policy = FederationConfig.for_method().policy
     assert checkpoint and all(policy.is_shared(key) for key in checkpoint)
 
 
@@ -85,8 +87,9 @@ def test_the_job_is_small_and_bakes_in_no_path(fresh_export):
     files = _files(fresh_export)
     assert sum(len(data) for data in files.values()) < 100_000
     custom = sorted(name for name in files if name.startswith("app/custom/"))
-    assert custom == ["app/custom/ckpt/init_global_adapters.pt", "app/custom/client.py"]
+    assert custom == ["app/custom/ckpt/init_global_adapters.pt", "app/custom/client.py", "app/custom/site_config.json"]
     text = "".join(data.decode() for name, data in files.items() if name.endswith(".json"))
+    assert "site_config.json" in text  # the site script is told where its configuration is
     for fragment in (str(REPO), "/tmp", "/home", "MED_DUALLORA_DATA", "prepared"):
         assert fragment not in text
     meta = json.loads(files["meta.json"])
@@ -94,7 +97,7 @@ def test_the_job_is_small_and_bakes_in_no_path(fresh_export):
 
 
 def test_byoc_ships_our_packages(tmp_path):
-    job = export_job(FederationConfig(), tmp_path, byoc=True)
+    job = export_job(FederationConfig.for_method(), tmp_path, byoc=True)
     for package in PACKAGES:
         assert (job / "app" / "custom" / package / "__init__.py").is_file()
     shipped = job / "app" / "custom" / "custom" / "filters.py"
@@ -107,20 +110,21 @@ def test_parameters_reach_the_job(tmp_path):
     job = export_job(config, tmp_path)
     client, server = _configs(job)
     assert job.name == "fedsa_lora"
-    args = client["executors"][0]["executor"]["args"]["task_script_args"]
-    assert "--policy fedsa_lora" in args and "--local-epochs 4" in args
+    site = SiteConfig.read(job / "app" / "custom" / SITE_CONFIG_FILE)
+    assert site.policy == get_policy("fedsa_lora") and site.local_epochs == 4 and site.run_name == "fedsa_lora"
     assert server["workflows"][0]["args"]["num_rounds"] == 3
+    # The filter and the aggregator receive the same serialised policy object the sites do.
     filter_args = client["task_result_filters"][0]["filters"][0]["args"]
-    assert filter_args == {"policy": "fedsa_lora", "share_head": False}
+    aggregator_args = server["workflows"][0]["args"]["aggregator"]["args"]
+    assert filter_args == aggregator_args == {"policy": get_policy("fedsa_lora").to_dict()}
 
 
 def test_the_real_configuration_is_cinema_base_with_site_weights(tmp_path):
     config = config_from_args(parse_args(["export", "--real"]))
-    assert config.backbone == "base" and config.weights == "$MED_DUALLORA_WEIGHTS"
+    assert config.site.backbone == "base" and config.site.weights == "$MED_DUALLORA_WEIGHTS"
     job = export_job(config, tmp_path)
-    client, _ = _configs(job)
-    args = client["executors"][0]["executor"]["args"]["task_script_args"]
-    assert "--backbone base" in args and "--weights '$MED_DUALLORA_WEIGHTS'" in args
+    site = SiteConfig.read(job / "app" / "custom" / SITE_CONFIG_FILE)
+    assert (site.backbone, site.weights, site.threads) == ("base", "$MED_DUALLORA_WEIGHTS", 0)
     checkpoint = torch.load(job / "app" / "custom" / INITIAL_CHECKPOINT, weights_only=True)
     lora_a = [value for key, value in checkpoint.items() if ".lora_A.global." in key]
     assert lora_a and all(value.shape[1] == 768 for value in lora_a)
@@ -138,9 +142,38 @@ def test_the_production_project_provisions_the_server_four_sites_and_admins(tmp_
     assert len(servers) == 1 and (prod / servers[0] / "startup" / "start.sh").is_file()
 
 
-def test_fedprox_weight_reaches_the_site_script_only_when_set():
-    from jobs.recipe import site_arguments
+@pytest.mark.parametrize(
+    ("method", "controller_mu", "site_mu"),
+    [
+        ("fedit", 0.1, 0.0),  # every trained key is shared: NVFlare's FedProx (the controller sends mu)
+        ("fedavg_full", 0.1, 0.0),
+        ("med_duallora", None, 0.1),  # the local adapter trains too: the site's own term over the shared keys
+        ("fedsa_lora", None, 0.1),
+    ],
+)
+def test_fedprox_goes_to_nvflare_when_every_trained_key_is_shared(method, controller_mu, site_mu, tmp_path):
+    config = config_from_args(parse_args(["export", "--method", method, "--proximal-mu", "0.1", "--out", "x"]))
+    job = export_job(config, tmp_path)
+    _, server = _configs(job)
+    assert server["workflows"][0]["args"].get("fedprox_mu") == controller_mu
+    assert SiteConfig.read(job / "app" / "custom" / SITE_CONFIG_FILE).site_proximal_mu == site_mu
 
-    assert "--proximal-mu" not in FederationConfig().client_args()  # committed jobs stay as they are
-    config = config_from_args(parse_args(["export", "--method", "fedit", "--proximal-mu", "0.1"]))
-    assert config.proximal_mu == 0.1 and site_arguments(config).proximal_mu == 0.1
+
+def test_committed_jobs_have_no_fedprox(fresh_export):
+    _, server = _configs(fresh_export)
+    assert "fedprox_mu" not in server["workflows"][0]["args"]
+
+
+def test_the_job_survives_the_config_rewrite_of_nvflare_job_submit(fresh_export, tmp_path):
+    """`nvflare job submit` rewrites every JSON file of the app folders (NVFlare 2.9: a file whose first value is an
+    object comes back as that object alone); the site configuration must come through it unchanged."""
+    from nvflare.tool.job.config.configer import build_config_file_indices
+    from nvflare.tool.job.job_cli import save_merged_configs
+
+    job = tmp_path / "job"
+    shutil.copytree(fresh_export, job)
+    before = _files(job)
+    save_merged_configs(build_config_file_indices(str(job), ["app"]), str(job), str(job))
+    rewritten = SiteConfig.read(job / "app" / "custom" / SITE_CONFIG_FILE)
+    assert rewritten == SiteConfig.read(fresh_export / "app" / "custom" / SITE_CONFIG_FILE)
+    assert json.loads(_files(job)["app/custom/site_config.json"]) == json.loads(before["app/custom/site_config.json"])

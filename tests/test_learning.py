@@ -16,10 +16,11 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 from torch.utils.data import DataLoader
 
-from custom.aggregators import SAMPLES_KEY, SharedKeyAggregator
+from custom.aggregators import SharedKeyAggregator
 from models.dual_lora import DualLoRAConfig
 from models.lit import QUIET_TRAINER_KWARGS, DualLoRAClassifier
 from models.metrics import choose_threshold, detection_metrics
+from models.protocol import SAMPLES_KEY
 
 TOY_BACKBONE = {"image_size": (32, 32, 2), "embed_dim": 32, "depth": 2, "n_heads": 2, "conv_chans": (8, 16)}
 SQUARE = 14
@@ -113,7 +114,7 @@ def federate(policy: str, rounds: int = 4, local_epochs: int = 5) -> dict[str, f
         "b": (toy_subjects(64, 13, inverted=True), toy_subjects(128, 14, inverted=True)),
     }
     modules = {site: toy_module(policy, local_epochs) for site in sites}
-    aggregator = SharedKeyAggregator(policy)
+    aggregator = SharedKeyAggregator(modules["a"].policy.to_dict())
     for _ in range(rounds):
         for site, (train, _) in sites.items():
             fit(modules[site], train, local_epochs)

@@ -156,6 +156,53 @@ def test_shared_state_dict_exchange_as_nvflare_does_it():
         receiver.load_shared_state_dict(sender.trainable_state_dict())
 
 
+LOCAL_A = "model.base_model.model.encoder.blocks.3.attn.q.lora_A.local.weight"
+GLOBAL_B = "model.base_model.model.encoder.blocks.3.attn.q.lora_B.global.weight"
+POS_EMBED = "model.base_model.model.enc_down_dict.sax.pos_embed"
+
+
+def _tamper(state: dict, change: str) -> dict:
+    state = dict(state)
+    if change == "local key":
+        state[LOCAL_A] = torch.zeros(8, 32)
+    elif change == "frozen key":
+        state[POS_EMBED] = torch.zeros(1)
+    elif change == "missing key":
+        del state[GLOBAL_B]
+    elif change == "wrong shape":
+        state[GLOBAL_B] = torch.zeros(3, 3)
+    elif change == "integer values":
+        state[GLOBAL_B] = torch.zeros_like(state[GLOBAL_B], dtype=torch.int64)
+    elif change == "nothing":
+        state = {}
+    elif change == "a string":
+        state[GLOBAL_B] = "0.0"
+    return state
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("local key", "does not share keys"),
+        ("frozen key", "does not share keys"),
+        ("missing key", "shared keys missing"),
+        ("nothing", "shared keys missing"),
+        ("wrong shape", r"torch.float32 \(3, 3\)"),
+        ("integer values", "torch.int64"),
+        ("a string", "is str"),
+    ],
+)
+def test_a_received_global_model_is_checked_before_it_loads(change, message):
+    """What a site receives must be a global model of its policy; nothing of it loads otherwise."""
+    module = make_module()
+    good = module.shared_state_dict()
+    assert module.global_model_problems(good) == []
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        module.load_shared_state_dict(_tamper(good, change))
+    assert all(torch.equal(before[key], value) for key, value in module.state_dict().items())
+
+
 def test_global_only_evaluation_drops_the_local_adapter():
     module = make_module(eval_global_only=True).eval()
     randomize_lora_b(module)

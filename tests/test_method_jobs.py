@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.recipe import FederationConfig, export_job, initial_global_state, site_policy
+from jobs.recipe import FederationConfig, export_job, initial_global_state
 from models.policy import POLICY_NAMES
 
 pytestmark = pytest.mark.slow
@@ -16,13 +16,13 @@ BASELINES = [name for name in POLICY_NAMES if name != "med_duallora"]
 
 @pytest.mark.parametrize("method", BASELINES)
 def test_method_job_runs_two_rounds_and_the_server_holds_only_shared_keys(method, simulate_sites, tmp_path):
-    config = FederationConfig(method=method, rounds=2, local_epochs=1, min_clients=4)
+    config = FederationConfig.for_method(method, rounds=2, local_epochs=1, min_clients=4)
     job_dir = export_job(config, tmp_path / "jobs")
     run = simulate_sites(job_dir, tmp_path)
     assert run.problems() == []
 
     final = run.global_model()
-    policy = site_policy(config)
+    policy = config.policy
     assert set(final) == set(initial_global_state(config))
     assert all(policy.is_shared(key) for key in final)
     if method == "local_only":

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from app.probe import pathology_group, probe_scores
 from data_prep.phenotypes import PHENOTYPES, phenotypes, subject_phenotypes
 from data_prep.records import LV_LABEL, MYO_LABEL, RV_LABEL, InputError, LabelRule
+from experiments.probe import pathology_group, probe_scores
 
 
 def _heart() -> tuple[np.ndarray, np.ndarray]:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from jobs.poc import PocNetwork, run_job
-from jobs.recipe import SITES, FederationConfig, export_job, site_policy
+from jobs.recipe import SITES, FederationConfig, export_job
 
 pytestmark = pytest.mark.slow
 
-CONFIG = FederationConfig(rounds=2, local_epochs=1)
+CONFIG = FederationConfig.for_method(rounds=2, local_epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_the_job_completes_and_results_come_back(poc_result):
     assert result["status"] == "FINISHED:COMPLETED"
     server = Path(result["server"])
     saved = torch.load(server / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=True)
-    policy = site_policy(CONFIG)
+    policy = CONFIG.policy
     assert saved["model"] and all(policy.is_shared(key) for key in saved["model"])
     received = [json.loads(line) for line in (server / "received_keys.jsonl").read_text().splitlines()]
     assert len(received) == CONFIG.rounds * len(SITES) and not any(r["not_shared"] for r in received)

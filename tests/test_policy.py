@@ -8,7 +8,7 @@ import torch
 from models.config import ConvViTConfig
 from models.convvit import ConvViT
 from models.dual_lora import DualLoRAConfig, add_adapters
-from models.policy import POLICY_NAMES, canonical_key, get_policy, parameter_counts, shared_keys
+from models.policy import POLICY_NAMES, SharingPolicy, adapter_of, canonical_key, get_policy, parameter_counts
 
 PREFIXES = ("", "model.", "base_model.model.", "model.base_model.model.")
 G_A = "encoder.blocks.10.attn.q.lora_A.global.weight"
@@ -109,10 +109,9 @@ def test_shared_keys_and_counts_on_a_micro_model():
     torch.manual_seed(0)
     policy = get_policy("med_duallora")
     model = add_adapters(ConvViT(ConvViTConfig.preset("micro")), DualLoRAConfig(), policy)
-    keys = shared_keys(model, policy)
+    keys = list(policy.shared_state_dict(model.state_dict()))
     assert len(keys) == 2 * 3 * 2 + 4  # 2 blocks x (q, kv, proj) x (A, B) + 2 heads x (weight, bias)
     assert all(".global." in key or "pred_head_dict" in key for key in keys)
-    assert shared_keys(model.state_dict(), policy) == keys
     # micro: embed 32; one r=8 branch per block: q 8*(32+32) + kv 8*(32+64) + proj 8*(32+32) = 1792
     heads = 2 * (32 * 2 + 2)
     counts = parameter_counts(model, policy)
@@ -131,3 +130,56 @@ def test_base_size_counts_match_the_cinema_reference():
     assert counts["shared"] == 86_016 + 3_076
     # CineMA's 89,494,212 counts the fixed 2,304 x 768 pos_embed, a buffer here.
     assert counts["total"] == 89_494_212 - 2_304 * 768 + 2 * 86_016
+
+
+# method -> (is_dual, has_private_parts, has_global_model) with the method's default head setting
+DERIVED_FACTS = {
+    "med_duallora": (True, True, True),
+    "fedit": (False, False, True),
+    "ffa_lora": (False, False, True),
+    "fedsa_lora": (False, True, False),
+    "local_only": (False, True, False),
+    "fedavg_full": (False, False, True),
+}
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_derived_facts_are_properties_of_the_policy(name):
+    policy = policy_for(name)
+    assert (policy.is_dual, policy.has_private_parts, policy.has_global_model) == DERIVED_FACTS[name]
+
+
+def test_a_local_head_makes_a_policy_personalised_and_leaves_no_global_model():
+    policy = policy_for("med_duallora", share_head=False)
+    assert policy.has_private_parts and not policy.has_global_model
+
+
+@pytest.mark.parametrize("share_head", [None, True, False])
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_the_serialised_policy_round_trips(name, share_head):
+    if name == "local_only" and share_head:
+        return
+    policy = policy_for(name, share_head=share_head)
+    assert SharingPolicy.from_dict(policy.to_dict()) == policy
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"shared_parts": ["head", "lora_A.global", "lora_B.global", "lora_A.local"]}, "not the med_duallora policy"),
+        ({"trainable_parts": ["head", "lora_A.global", "lora_B.global"]}, "not the med_duallora policy"),
+        ({"adapters": ["global"]}, "not the med_duallora policy"),
+        ({"name": "fedavg"}, "unknown sharing policy"),
+        ({"extra": 1}, "has the fields"),
+    ],
+)
+def test_a_hand_edited_policy_is_refused(change, message):
+    """Fails closed: a config that makes med_duallora share its local adapter is not med_duallora."""
+    with pytest.raises(ValueError, match=message):
+        SharingPolicy.from_dict({**get_policy("med_duallora").to_dict(), **change}, source="job config")
+
+
+def test_adapter_of_names_the_adapter_of_lora_keys_only():
+    assert adapter_of("model.base_model.model." + L_A) == "local"
+    assert adapter_of(G_B) == "global"
+    assert adapter_of(HEAD) is None and adapter_of(BLOCK_11) is None

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.pretrain import assert_disjoint, cinema_config, downstream_model, namespace_subject_ids
+from data_prep.cohort import assert_disjoint
+from experiments.pretrain import cinema_config, downstream_model, namespace_subject_ids
 from models.config import ConvViTConfig
 from models.convvit import ConvViT
 from models.loading import load_cinema, save_cinema
@@ -79,8 +80,8 @@ def test_saved_backbone_loads_through_load_cinema_with_fresh_binary_heads(tmp_pa
 
 @pytest.mark.parametrize(("objective", "outputs"), [("phenotypes", 15), ("groups", 2)])
 def test_each_pretraining_objective_trains_through_the_models_own_heads(objective, outputs):
-    from app.pretrain import StandInPretrainer
     from data_prep.phenotypes import PHENOTYPES
+    from experiments.pretrain import StandInPretrainer
 
     targets = {s: torch.randn(len(PHENOTYPES)) for s in ("a", "b")}
     module = StandInPretrainer(ConvViTConfig.preset("micro"), targets, ["LV_DILATED", "NOR"], objective)

@@ -7,13 +7,12 @@ import re
 
 import pytest
 
-from app.client import build_module
-from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state, site_arguments, site_policy
+from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state
 from jobs.simulate import SimulatorRun
 
 pytestmark = pytest.mark.slow
 
-CONFIG = FederationConfig(rounds=2, local_epochs=1, min_clients=4)
+CONFIG = FederationConfig.for_method(rounds=2, local_epochs=1, min_clients=4)
 INJECTED = ("model.site_statistics.mean", "model.base_model.model.encoder.blocks.3.attn.q.lora_A.local_copy.weight")
 
 # The real site script, patched so that `philips` tries to send two extra private entries and a tensor in the
@@ -74,7 +73,7 @@ def test_not_one_local_key_reaches_the_server(leaky_run):
 
 
 def test_the_filter_stripped_what_the_patched_site_added(leaky_run):
-    whole_state = build_module(site_arguments(CONFIG)).state_dict()
+    whole_state = CONFIG.site_config.build_module().state_dict()
     not_shared = len(whole_state) - len(initial_global_state(CONFIG))
     for site in SITES:
         counts = re.findall(r"kept (\d+) shared keys, stripped (\d+)", leaky_run.log(site))
@@ -93,5 +92,5 @@ def test_without_the_filter_the_server_rejects_and_the_run_reports_it(unfiltered
     assert {r["site"] for r in rejected} == set(SITES)
     assert all(any(".local." in key for key in r["not_shared"]) for r in rejected)
     if unfiltered_run.global_model_path.is_file():
-        policy = site_policy(CONFIG)
+        policy = CONFIG.policy
         assert all(policy.is_shared(key) for key in unfiltered_run.global_model())

@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from app.report import _bytes_axis  # noqa: E402
+from experiments.report import _bytes_axis  # noqa: E402
 
 
 def test_positive_byte_counts_get_a_log_axis_that_contains_them():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from app.significance import compare_to_baselines, holm_adjust, paired_wilcoxon
+from experiments.significance import compare_to_baselines, holm_adjust, paired_wilcoxon
 
 
 def test_exact_p_when_all_six_differences_favour_the_reference():

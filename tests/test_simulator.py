@@ -15,12 +15,12 @@ import torch
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from custom.site_state import SiteState, site_state_dir
-from jobs.recipe import INITIAL_CHECKPOINT, SITES, FederationConfig, export_job, initial_global_state, site_policy
+from jobs.recipe import INITIAL_CHECKPOINT, SITES, FederationConfig, export_job, initial_global_state
 from jobs.simulate import SimulatorRun
 
 pytestmark = pytest.mark.slow
 
-CONFIG = FederationConfig(rounds=2, local_epochs=1, min_clients=4)
+CONFIG = FederationConfig.for_method(rounds=2, local_epochs=1, min_clients=4)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_the_global_model_holds_exactly_the_shared_keys_and_trained(finished_run
     initial = initial_global_state(CONFIG)
     final = run.global_model()
     assert set(final) == set(initial)
-    policy = site_policy(CONFIG)
+    policy = CONFIG.policy
     assert all(policy.is_shared(key) for key in final)
     lora_b = [key for key in final if ".lora_B." in key]
     assert lora_b and all(torch.count_nonzero(initial[key]) == 0 for key in lora_b)

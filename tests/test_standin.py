@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from app.pretrain import PretrainSettings, parse_arguments, pretrain
+from experiments.pretrain import PretrainSettings, parse_arguments, pretrain
 from models.config import ConvViTConfig
 from models.loading import load_cinema
 from models.standin import (
@@ -41,7 +41,7 @@ def test_committed_files_match_the_record_and_load_strictly():
     assert model.config == ConvViTConfig.from_cinema_yaml(config) and model.config.n_classes == 2
     assert yaml.safe_load(config.read_text())["model"]["convvit"]["size"] == record["settings"]["preset"]
     command = shlex.split(record["command"])
-    assert command[:3] == ["python", "-m", "app.pretrain"]
+    assert command[:3] == ["python", "-m", "experiments.pretrain"]
     args, settings = parse_arguments(command[3:])
     assert dataclasses.asdict(settings) == {**record["settings"], "geometry": tuple(record["settings"]["geometry"])}
     assert args.out == STANDIN_DIR  # the command writes where the committed files are

@@ -2,7 +2,6 @@
 
 from models.dual_lora.config import DEFAULT_TARGET_MODULES, DualLoRAConfig
 from models.dual_lora.model import (
-    HEADS_FILE,
     activate_adapters,
     adapters_active,
     add_adapters,
@@ -11,13 +10,10 @@ from models.dual_lora.model import (
     build_policy,
     first_trained_block,
     init_adapter,
-    load_site_adapters,
-    save_site_adapters,
 )
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
-    "HEADS_FILE",
     "DualLoRAConfig",
     "activate_adapters",
     "adapters_active",
@@ -27,6 +23,4 @@ __all__ = [
     "build_policy",
     "first_trained_block",
     "init_adapter",
-    "load_site_adapters",
-    "save_site_adapters",
 ]

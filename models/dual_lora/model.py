@@ -1,37 +1,27 @@
-"""Add peft LoRA adapters `global` / `local` to a ConvViT, set what trains per policy, save and load them."""
+"""Add peft LoRA adapters `global` / `local` to a ConvViT and set what trains per policy."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.convvit import ConvViT
 from models.dual_lora.config import DualLoRAConfig
-from models.policy import SharingPolicy, canonical_key, get_policy
-
-HEADS_FILE = "heads.safetensors"
-_ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_ADAPTER_CONFIG = "adapter_config.json"
+from models.policy import SharingPolicy, canonical_key, fine_tunes_blocks, get_policy
 
 
 def build_policy(
     name: str, adapter_config: DualLoRAConfig, depth: int, share_head: bool | None = None
 ) -> SharingPolicy:
     """The named policy; `fedavg_full` fine-tunes the adapter config's blocks fully instead of adding LoRA."""
-    full_blocks = adapter_config.resolve_blocks(depth) if name == "fedavg_full" else None
+    full_blocks = adapter_config.resolve_blocks(depth) if fine_tunes_blocks(name) else None
     return get_policy(name, share_head=share_head, full_blocks=full_blocks)
 
 
@@ -115,79 +105,3 @@ def first_trained_block(model: nn.Module, policy: SharingPolicy) -> int:
         if any(policy.is_trainable(prefix + name) for name, _ in block.named_parameters()):
             return index
     return backbone.config.depth
-
-
-def save_site_adapters(model: nn.Module, directory: str | Path, policy: SharingPolicy) -> Path:
-    """Write a site's adapters in peft's format (`<dir>/<adapter>/adapter_config.json` + weights) and its heads.
-
-    The heads go to `<dir>/heads.safetensors` under backbone keys (`pred_head_dict.sax.weight`, ...), since they are
-    plain modules rather than adapter weights. The directory is written under a temporary name, then renamed.
-    """
-    directory = Path(directory)
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"policy {policy.name} has no adapters to save (model is a {type(model).__name__})")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        model.save_pretrained(str(staging), selected_adapters=list(policy.adapters))
-        heads = {
-            canonical_key(key): value.detach().cpu().contiguous()
-            for key, value in model.state_dict().items()
-            if policy.part(key) == "head"
-        }
-        save_file(heads, str(staging / HEADS_FILE))
-        (staging / "README.md").unlink(missing_ok=True)
-        if directory.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, retired / directory.name)
-            os.replace(staging, directory)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
-
-
-def load_site_adapters(model: nn.Module, directory: str | Path, policy: SharingPolicy) -> None:
-    """Load what `save_site_adapters` wrote into a model built with the same adapter config and policy."""
-    directory = Path(directory)
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"policy {policy.name} has no adapters to load (model is a {type(model).__name__})")
-    for adapter in policy.adapters:
-        folder = directory / adapter
-        _check_adapter_config(folder / _ADAPTER_CONFIG, model.peft_config[adapter].to_dict())
-        weights_path = folder / _ADAPTER_WEIGHTS
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{weights_path}: missing adapter weights of adapter {adapter!r}")
-        weights = load_file(str(weights_path))
-        expected = sum(1 for key, _ in model.named_parameters() if f".{adapter}." in key and "lora_" in key)
-        if len(weights) != expected:
-            raise ValueError(f"{weights_path}: holds {len(weights)} tensors, adapter {adapter!r} has {expected}")
-        result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
-        unexpected = [key for key in result.unexpected_keys if "lora_" in key]
-        if unexpected:
-            raise ValueError(f"{weights_path}: unexpected keys {unexpected[:5]}")
-    heads_path = directory / HEADS_FILE
-    if not heads_path.is_file():
-        raise FileNotFoundError(f"{heads_path}: missing head weights")
-    result = backbone_of(model).load_state_dict(load_file(str(heads_path)), strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{heads_path}: unexpected keys {result.unexpected_keys}")
-    activate_adapters(model, policy, policy.adapters)
-
-
-def _check_adapter_config(path: Path, live: dict) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing peft adapter config")
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable adapter config: {err}") from err
-    for field in ("r", "lora_alpha", "target_modules"):
-        saved_value, live_value = saved.get(field), live.get(field)
-        if field == "target_modules":
-            saved_value, live_value = sorted(saved_value or []), sorted(live_value or [])
-        if saved_value != live_value:
-            raise ValueError(f"{path}: field {field} is {saved_value!r}, the model's adapter has {live_value!r}")

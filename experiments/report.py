@@ -16,10 +16,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from app.evaluation import METRIC_NAMES, binary_metrics, mean_over_sites, mean_std  # noqa: E402
-from app.significance import PairedTest, compare_to_baselines  # noqa: E402
+from experiments.significance import PairedTest, compare_to_baselines  # noqa: E402
 from models.atomic_io import write_atomic, write_text_atomic  # noqa: E402
-from models.metrics import DEFAULT_THRESHOLD  # noqa: E402
+from models.metrics import (  # noqa: E402
+    DEFAULT_THRESHOLD,  # noqa: E402
+    METRIC_NAMES,
+    binary_metrics,
+    mean_over_sites,
+    mean_std,
+)
 
 REFERENCE_METHOD = "med_duallora"
 POOLED_SITE = "pooled"

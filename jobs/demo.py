@@ -1,4 +1,4 @@
-"""`python -m app.demo --out runs/demo` (`make demo`): synthetic cohort -> NVFlare simulator run -> results table.
+"""`python -m jobs.demo --out runs/demo` (`make demo`): synthetic cohort -> NVFlare simulator run -> results table.
 
 It synthesizes a multi-vendor cohort under OUT, prepares it to the committed stand-in backbone's input geometry
 (its record's `prepare_args`) with test splits of at least 25 subjects a site, checks that no subject was in the
@@ -12,25 +12,21 @@ site sent per round against the size of the full model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.client import parse_args
-from app.pretrain import assert_disjoint_from_standin
-from custom.site_state import STATE_ENV
-from jobs.recipe import REPO, SITES
+from app.site_config import SITE_CONFIG_FILE, SiteConfig
+from data_prep.cohort import Cohort, assert_disjoint_from_standin, build_cohort
+from jobs.recipe import REPO
 from jobs.simulate import SimulatorRun, run_simulator
 from models.atomic_io import write_json_atomic, write_text_atomic
 from models.metrics import bootstrap_auroc, subject_metrics
-from models.standin import prepare_args
+from models.protocol import DATA_ENV, SITES, STATE_ENV
+from models.standin import RANDOM, STANDIN, prepare_args
 
 JOB = REPO / "jobs" / "med_duallora"
 SUBJECTS_PER_VENDOR = 64
@@ -41,42 +37,22 @@ MODELS = ("personalised", "global_only")
 
 
 def prepare_cohort(out: Path, subjects_per_vendor: int, seed: int) -> Path:
-    """Synthesize the raw cohort and prepare it for the stand-in backbone (reused when already there, same
-    settings); refuses a cohort that shares a subject with the stand-in's pretraining cohort."""
-    prepared = out / "prepared"
-    stamp = out / "cohort.json"
-    geometry = [*prepare_args(), *SPLIT_FRACTIONS]
-    settings = {"subjects_per_vendor": subjects_per_vendor, "seed": seed, "geometry": geometry}
-    if (prepared / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
-        print(f"reusing the prepared cohort in {prepared}")
-        return prepared
-    for folder in (out / "raw", prepared):
-        shutil.rmtree(folder, ignore_errors=True)
-    python = sys.executable
-    synthesize = ["-m", "data_prep.synthesize", "--out", str(out / "raw"), "--seed", str(seed), "--workers", "2"]
-    _step("synthesizing", [python, *synthesize, "--subjects-per-vendor", str(subjects_per_vendor)])
-    prepare = ["-m", "data_prep.prepare", "--raw", str(out / "raw"), "--out", str(prepared), "--seed", str(seed)]
-    _step("preparing", [python, *prepare, *geometry, "--workers", "2"])
+    """The demo cohort, synthesized and prepared for the stand-in backbone under `out` (data_prep.cohort reuses it
+    while its settings hold); refuses a cohort that shares a subject with the stand-in's pretraining cohort."""
+    prepared = build_cohort(out, Cohort(seed, subjects_per_vendor), [*prepare_args(), *SPLIT_FRACTIONS])
     assert_disjoint_from_standin(prepared)
-    stamp.write_text(json.dumps(settings))
     return prepared
-
-
-def _step(title: str, command: list[str]) -> None:
-    print(f"{title}: {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def job_summary(run: SimulatorRun) -> str:
     """Rounds run, local epochs, backbone and weights of the committed job."""
-    client = json.loads((JOB / "app" / "config" / "config_fed_client.json").read_text(encoding="utf-8"))
-    args = parse_args(shlex.split(client["executors"][0]["executor"]["args"]["task_script_args"]))
+    site = SiteConfig.read(JOB / "app" / "custom" / SITE_CONFIG_FILE)
     rounds = len({record["round"] for record in run.comm_records("up")})
     weights = {
-        "standin": "the committed stand-in backbone (models/pretrained/standin, NOT CineMA)",
-        "random": "a RANDOM backbone (no pretrained weights: expect chance)",
-    }.get(args.weights, f"weights {args.weights}")
-    return f"{rounds} rounds x {args.local_epochs} local epochs, {weights}"
+        STANDIN: "the committed stand-in backbone (models/pretrained/standin, NOT CineMA)",
+        RANDOM: "a RANDOM backbone (no pretrained weights: expect chance)",
+    }.get(site.weights, f"weights {site.weights}")
+    return f"{rounds} rounds x {site.local_epochs} local epochs, {weights}"
 
 
 def score_row(predictions: Sequence[dict], thresholds: Sequence[float], seed: int) -> dict[str, float]:
@@ -138,6 +114,10 @@ def bytes_table(run: SimulatorRun) -> str:
     return "\n".join(lines)
 
 
+def _say(line: str) -> None:
+    print(f"  {line}", flush=True)
+
+
 def _number(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.3f}"
 
@@ -152,11 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_cohort(out, args.subjects_per_vendor, args.seed)
-    env = {"MED_DUALLORA_DATA": str(prepared)}
+    env = {DATA_ENV: str(prepared)}
     os.environ.pop(STATE_ENV, None)  # site state stays in each site's simulator workspace, which the run wipes first
     workspace = out / "ws"
     print(f"running: nvflare simulator {JOB.relative_to(REPO)} -w {workspace} -c {','.join(SITES)} -t {args.threads}")
-    run = run_simulator(JOB, workspace, SITES, args.threads, env=env, log_file=out / "simulator.log")
+    progress = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+    run = run_simulator(
+        JOB, workspace, SITES, args.threads, env=env, log_file=out / "simulator.log", progress=progress
+    )
     problems = run.problems()
     if problems:
         print(f"the federated run did not complete (simulator exit code {run.returncode}):", *problems, sep="\n  ")

@@ -1,4 +1,4 @@
-"""`python -m app.benchmark`: every method x seed as a resumable run, then results.csv, summary.md and the plots."""
+"""`python -m experiments.benchmark`: every method x seed as a resumable run, then results.csv, summary.md, plots."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 
-from app.benchmark_runs import METHODS
-from app.cohort_steps import prepare_split, synthesize
-from app.pretrain import assert_disjoint_from_standin
-from app.report import write_report
+from data_prep.cohort import Cohort, assert_disjoint_from_standin, prepared, synthesized
+from experiments.report import write_report
+from experiments.runs import METHODS, RunSettings, run_method
 from models import standin
 from models.atomic_io import write_json_atomic, write_text_atomic
 from models.config import ConvViTConfig
@@ -143,17 +142,6 @@ def build_specs(methods: Sequence[str], seeds: Sequence[int]) -> list[RunSpec]:
     return [RunSpec(method, seed) for seed in seeds for method in methods]
 
 
-def synthesize_cohort(raw_dir: Path, seed: int, subjects_per_vendor: int, log: Callable[[str], None]) -> Path:
-    """The federated cohort (fixed by its seed), generated once; a `.complete` file marks it finished."""
-    done = raw_dir.with_name(raw_dir.name + ".complete")
-    if not done.exists():
-        if raw_dir.exists():
-            shutil.rmtree(raw_dir)
-        synthesize(raw_dir, seed, subjects_per_vendor, log)
-        write_text_atomic(done, f"seed {seed}, {subjects_per_vendor} subjects per vendor\n")
-    return raw_dir
-
-
 def geometry_options(backbone: str) -> list[str]:
     """data_prep.prepare options for the backbone's input size, at CineMA's in-plane field of view (192 mm)."""
     x, y, z = ConvViTConfig.preset(backbone).image_size
@@ -162,7 +150,7 @@ def geometry_options(backbone: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m app.benchmark", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="benchmark directory (created; resumed if it exists)")
     parser.add_argument(
         "--methods",
@@ -214,8 +202,6 @@ def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from app.benchmark_runs import RunSettings, run_method
-
     args = parse_args(argv)
     torch.set_num_threads(1)
     out_dir = args.out.resolve()
@@ -228,13 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prepared:
         prepared_roots = dict.fromkeys(args.seeds, args.prepared.resolve())
     else:
-        raw = (
-            args.raw.resolve()
-            if args.raw
-            else synthesize_cohort(out_dir / "data" / "raw", args.cohort_seed, args.subjects_per_vendor, log)
-        )
+        cohort = Cohort(args.cohort_seed, args.subjects_per_vendor)
+        raw = args.raw.resolve() if args.raw else synthesized(out_dir / "data" / "raw", cohort, log)
         prepared_roots = {
-            seed: prepare_split(raw, out_dir / "data" / f"prepared_seed{seed}", seed, options, log)
+            seed: prepared(raw, out_dir / "data" / f"prepared_seed{seed}", seed, options, log, workers=1)
             for seed in args.seeds
         }
     if args.weights == STANDIN:
@@ -270,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def summary_header(args: argparse.Namespace, argv: Sequence[str] | None, progress: Progress) -> list[str]:
     """The first lines of summary.md: the command, the seeds, the settings and what the backbone is."""
-    command = " ".join(["python -m app.benchmark", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m experiments.benchmark", *(sys.argv[1:] if argv is None else argv)])
     lines = [
         "# Methods compared",
         "",

@@ -1,4 +1,4 @@
-"""`python -m app.pretrain`: the stand-in for CineMA's weights, pretrained on a Siemens-only cohort like UK Biobank.
+"""`python -m experiments.pretrain`: the stand-in for CineMA's weights, pretrained on Siemens-only data (like UKB).
 
 CineMA's weights cannot be downloaded here, and a random backbone carries no signal for a local adapter to re-weight.
 This recipe pretrains a ConvViT the way a foundation model is made, on a separate cohort and without the downstream
@@ -11,7 +11,7 @@ label:
    size-preserving augmentation (`--objective groups` classifies structural pathology groups instead);
 4. the backbone written in CineMA's checkpoint format with fresh 2-class heads, and a CineMA config.yaml;
 5. the bar, on a fresh Siemens-only probe cohort: frozen features, class-balanced logistic regression, 5-fold CV
-   (app/probe.py), beside a random backbone of the same shape, and the same probe hearts rendered with another
+   (experiments/probe.py), beside a random backbone of the same shape, and the same probe hearts rendered with another
    vendor's profile (the domain shift federated sites see);
 6. `record.json`: the exact command, seeds, sha256, probe figures, `prepare_args` and the pretraining volumes'
    digests, so that any federated cohort can be checked disjoint from it.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import math
 import shlex
@@ -40,18 +39,17 @@ import torch.nn.functional as F  # noqa: N812
 import yaml
 from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandFlipd, RandScaleIntensityd
 
-from app.cohort_steps import prepare_split, synthesize
-from app.probe import PATHOLOGY_GROUPS, pathology_group, probe_backbone
+from data_prep.cohort import Cohort, assert_disjoint, build_cohort, volume_digests
 from data_prep.phenotypes import PHENOTYPES, subject_phenotypes
-from data_prep.preprocess import read_volume
 from data_prep.readers import discover
 from data_prep.records import LabelRule
+from experiments.probe import PATHOLOGY_GROUPS, pathology_group, probe_backbone
 from models.atomic_io import write_json_atomic, write_text_atomic
 from models.config import PRESET_NAMES, ConvViTConfig
 from models.convvit import ConvViT
 from models.lit import QUIET_TRAINER_KWARGS
 from models.loading import HEAD_PREFIX, load_cinema, save_cinema
-from models.standin import CONFIG_NAME, RECORD_NAME, STANDIN_DIR, WEIGHTS_NAME, file_sha256, read_record
+from models.standin import CONFIG_NAME, RECORD_NAME, STANDIN_DIR, WEIGHTS_NAME, file_sha256
 
 PHENOTYPES_FILE = "phenotypes.csv"
 DOWNSTREAM_CLASSES = ["NOR", "ABN"]
@@ -92,50 +90,6 @@ def namespace_subject_ids(prepared: Path, namespace: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(manifest, buffer.getvalue())
-
-
-def volume_digests(prepared: Path) -> dict[str, str]:
-    """sha256 of every subject's voxels as the data module holds them (uint8 of the [0, 1] volume), by subject id."""
-    digests = {}
-    for row in read_manifest(prepared / "manifest.csv"):
-        voxels = np.rint(read_volume(prepared / row["image"]) * 255).astype(np.uint8)
-        digests[row["subject_id"]] = hashlib.sha256(voxels.tobytes()).hexdigest()
-    return digests
-
-
-def assert_disjoint_digests(ours: Mapping[str, str], root: Path, source: str) -> None:
-    """Raise unless the prepared root `root` shares neither a subject id nor a volume with `ours` (from `source`)."""
-    theirs = volume_digests(root)
-    same_ids = sorted(set(ours) & set(theirs))
-    if same_ids:
-        raise ValueError(
-            f"{source} and {root / 'manifest.csv'} share {len(same_ids)} subject id(s), e.g. {same_ids[:5]}: "
-            "the pretraining cohort must be disjoint from every other cohort"
-        )
-    ours_by_digest = {digest: subject for subject, digest in ours.items()}
-    same_volumes = sorted(ours_by_digest[digest] for digest in set(ours_by_digest) & set(theirs.values()))
-    if same_volumes:
-        raise ValueError(
-            f"{source} and {root} hold {len(same_volumes)} identical volume(s) (e.g. {same_volumes[:5]}): "
-            "the same subject is in both cohorts"
-        )
-
-
-def assert_disjoint(
-    pretraining: Path, others: Sequence[Path], digests: Mapping[str, str] | None = None
-) -> dict[str, int]:
-    """Raise unless the pretraining cohort shares neither a subject id nor a volume with any other cohort
-    (`digests`: the pretraining cohort's `volume_digests`, when already computed)."""
-    ours = digests if digests is not None else volume_digests(pretraining)
-    for root in others:
-        assert_disjoint_digests(ours, root, str(pretraining))
-    return {"pretraining_subjects": len(ours), "cohorts_checked": len(others)}
-
-
-def assert_disjoint_from_standin(prepared: Path, standin: Path = STANDIN_DIR) -> None:
-    """Raise if a (federated) prepared root holds a subject of the stand-in's pretraining cohort."""
-    record = read_record(standin)
-    assert_disjoint_digests(record["pretraining_volume_sha256"], prepared, f"{standin / RECORD_NAME}")
 
 
 def cohort_phenotypes(raw: Path, prepared: Path) -> dict[str, list[float]]:
@@ -343,14 +297,12 @@ def cohort(
     work: Path, name: str, seed: int, subjects: int, geometry: Sequence[str], profile: str | None = None
 ) -> Path:
     """A Siemens-only synthetic cohort, prepared to `geometry` (reused when already prepared); its prepared root."""
-    raw, prepared = work / name / "raw", work / name / "prepared"
-    if not (prepared / "manifest.csv").exists():
-        synthesize(raw, seed, subjects, _print, vendors=[PRETRAINING_VENDOR], render_profile=profile)
-    return prepare_split(raw, prepared, seed, [*geometry, *PRETRAINING_SPLIT], _print)
+    siemens_only = Cohort(seed, subjects, vendors=(PRETRAINING_VENDOR,), render_profile=profile)
+    return build_cohort(work / name, siemens_only, [*geometry, *PRETRAINING_SPLIT], _print)
 
 
 def _option(default: Any, help_text: str, **argparse_kwargs: Any) -> Any:
-    """A PretrainSettings field that is also a `python -m app.pretrain` option (`--batch-size` for batch_size)."""
+    """A PretrainSettings field that is also an `experiments.pretrain` option (`--batch-size` for batch_size)."""
     return dataclasses.field(default=default, metadata={"help": help_text, **argparse_kwargs})
 
 
@@ -395,11 +347,11 @@ class ProgressLine(pl.Callback):
 
 
 def reproducing_command(settings: PretrainSettings, out_dir: Path) -> str:
-    """The `python -m app.pretrain` command line that makes this stand-in again."""
+    """The `python -m experiments.pretrain` command line that makes this stand-in again."""
     arguments = [] if Path(out_dir).resolve() == STANDIN_DIR else ["--out", str(out_dir)]
     for field in PretrainSettings.options():
         arguments += [f"--{field.name.replace('_', '-')}", str(getattr(settings, field.name))]
-    return shlex.join(["python", "-m", "app.pretrain", *arguments])
+    return shlex.join(["python", "-m", "experiments.pretrain", *arguments])
 
 
 def train_backbone(settings: PretrainSettings, prepared: Path, work: Path) -> tuple[ConvViT, dict[str, float]]:
@@ -499,7 +451,7 @@ def pretrain(out_dir: Path, work: Path, settings: PretrainSettings, disjoint_fro
 
 def parse_arguments(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, PretrainSettings]:
     """The command line's paths and the settings it gives (every PretrainSettings option, by its field name)."""
-    parser = argparse.ArgumentParser(prog="python -m app.pretrain", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=STANDIN_DIR, help="where model.safetensors, config.yaml go")
     parser.add_argument("--work", type=Path, default=Path("runs/standin"), help="cohorts and training logs")
     for field in PretrainSettings.options():

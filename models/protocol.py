@@ -1,0 +1,47 @@
+"""Names the packages must agree on: sites, environment variables, files, NVFlare meta keys and metric names."""
+
+from __future__ import annotations
+
+# ---- sites ------------------------------------------------------------------------------------------------------
+SITES = ("siemens", "philips", "ge", "canon")
+"""The federated clients: one scanner vendor each, named as in the prepared manifest's `client` column."""
+
+# ---- environment variables a site reads -------------------------------------------------------------------------
+DATA_ENV = "MED_DUALLORA_DATA"
+"""The prepared data root (manifest.csv + volumes) at a site; each site keeps the rows of its own name."""
+WEIGHTS_ENV = "MED_DUALLORA_WEIGHTS"
+"""The site-local CineMA checkpoint of the real job (`--weights $MED_DUALLORA_WEIGHTS`)."""
+STATE_ENV = "MED_DUALLORA_STATE"
+"""The folder of each site's private state across rounds and restarts (default: in the site workspace)."""
+
+# ---- files a run writes -----------------------------------------------------------------------------------------
+TEST_METRICS_FILE = "test_metrics.json"
+"""A site's final evaluation, in its run directory."""
+AUDIT_FILE = "received_keys.jsonl"
+"""The server's record of every key list it received, in its run directory."""
+GLOBAL_THRESHOLD_FILE = "global_threshold.json"
+"""The global model's pooled validation threshold, beside FL_global_model.pt."""
+GLOBAL_MODEL_FILE = "FL_global_model.pt"
+"""NVFlare's persisted global model in the server's app folder."""
+COMM_DIR = "comm"
+"""The server's byte records (`bytes_up.json`, `bytes_down.json`) in its run directory."""
+STATE_FILE = "private_state.pt"
+"""A site's private entries, in its state folder."""
+
+# ---- meta keys and metric names exchanged with NVFlare ----------------------------------------------------------
+SAMPLES_KEY = "num_train_samples"
+"""Result meta: the site's training-subject count, the aggregation weight."""
+FULL_MODEL_BYTES_KEY = "full_model_bytes"
+"""Result meta: raw bytes of the site's model without adapters (what full-model FedAvg would send)."""
+STAGE_KEY = "evaluation_stage"
+"""Task meta of the final `validate` tasks: CALIBRATE, then TEST."""
+CALIBRATE, TEST = "calibrate", "test"
+GLOBAL_THRESHOLD_KEY = "global_threshold"
+"""TEST task meta: the global model's pooled validation threshold (None when none could be chosen)."""
+VAL_HISTOGRAM_KEY = "val_global_histogram"
+"""CALIBRATE reply metric: the site's per-class histogram of the global model's validation scores."""
+
+METRIC_NAMES = ("bal_acc", "sensitivity", "specificity", "auroc", "mcc", "f1")
+"""Disease-detection metrics of every scored model (models.metrics.detection_metrics)."""
+ROUND_METRIC = "val_bal_acc"
+"""The per-round curve: balanced accuracy of each site's model validated before local training (TensorBoard tag)."""
