@@ -34,7 +34,6 @@ from nvflare.client.lightning import patch as patch_trainer
 from nvflare.client.tracking import SummaryWriter
 
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
-from custom.evaluation import MIN_HISTOGRAM_SUBJECTS
 from custom.site_state import SiteState, site_state_dir, state_digest
 from data_prep.datamodule import VendorDataModule
 from models.atomic_io import write_json_atomic
@@ -47,6 +46,7 @@ from models.protocol import (
     FULL_MODEL_BYTES_KEY,
     GLOBAL_THRESHOLD_KEY,
     METRIC_NAMES,
+    MIN_SUBJECTS_PER_FIGURE,
     SAMPLES_KEY,
     STAGE_KEY,
     TEST_METRICS_FILE,
@@ -109,21 +109,22 @@ def full_model_bytes(module: DualLoRAClassifier) -> int:
 
 
 class SavePrivateState(pl.Callback):
-    """Logs the digest of the global model the round trains from, and saves the site's private entries when
-    training ends, before the FL callback sends the result."""
+    """Logs the digest of the global model the round trains from, and saves the site's private entries (with that
+    digest) when training ends, before the FL callback sends the result."""
 
     def __init__(self, state: SiteState, current_round: int):
         self.state = state
         self.current_round = current_round
+        self.global_digest = ""
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: DualLoRAClassifier) -> None:
         # The FL callback loads the received global model in on_train_start, which runs before the first epoch.
         if trainer.current_epoch == 0:
-            digest = state_digest(pl_module.shared_state_dict())
-            logger.info("round %d: training from the global model %s", self.current_round, digest)
+            self.global_digest = state_digest(pl_module.shared_state_dict())
+            logger.info("round %d: training from the global model %s", self.current_round, self.global_digest)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: DualLoRAClassifier) -> None:
-        self.state.save(private_state(pl_module), self.current_round)
+        self.state.save(private_state(pl_module), self.current_round, self.global_digest)
 
 
 def round_trainer(config: SiteConfig, state: SiteState, current_round: int) -> pl.Trainer:
@@ -173,7 +174,7 @@ def calibration_reply(
     require_subjects(datamodule, "val")
     make_trainer(config, run_dir, []).validate(module, datamodule=datamodule, verbose=False)
     rows = module.eval_predictions["val" if kind == "model" else "val_global_only"]
-    if len(rows) < MIN_HISTOGRAM_SUBJECTS:
+    if len(rows) < MIN_SUBJECTS_PER_FIGURE:
         print(f"site {flare.get_site_name()}: {len(rows)} validation subjects, too few to send their histogram")
         return {}
     histogram = score_histogram([r["p_diseased"] for r in rows], [r["label"] for r in rows])
@@ -236,7 +237,21 @@ def final_evaluation(
         "validation": scored("val"),
     }
     write_json_atomic(os.path.join(run_dir, TEST_METRICS_FILE), report)
-    return {f"{name}_{metric}": value for name, scores in test["models"].items() for metric, value in scores.items()}
+    counts = {f"{name}_n": len(rows) for name, rows in test["predictions"].items()}
+    scores = {f"{name}_{metric}": value for name, scores in test["models"].items() for metric, value in scores.items()}
+    return {**scores, **counts}  # the filter sends a model's figures only with their subject count
+
+
+def track_validation(tracker: SummaryWriter, metrics: dict[str, Any], current_round: int) -> None:
+    """Stream the round's validation curves to the server's TensorBoard, unless they describe too few subjects."""
+    if float(metrics.get("val_n", 0)) < MIN_SUBJECTS_PER_FIGURE:
+        logger.info(
+            "round %d: fewer than %d validation subjects; no curve sent", current_round, MIN_SUBJECTS_PER_FIGURE
+        )
+        return
+    for name in TRACKED_METRICS:
+        if name in metrics:
+            tracker.add_scalar(name, float(metrics[name]), global_step=current_round)
 
 
 def check_global_model(module: DualLoRAClassifier, received: FLModel, current_round: int | None) -> None:
@@ -275,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not data_root:
         raise OSError(f"{DATA_ENV} is not set at site {site}: point it at the prepared data root")
     module = config.build_module()
-    state = SiteState(site_state_dir(config.run_name, site))
+    state = SiteState(site_state_dir(config.run_name, site), config.run_name)
     tracker = SummaryWriter()
     site_meta = {FULL_MODEL_BYTES_KEY: full_model_bytes(module)}
     while flare.is_running():
@@ -311,9 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         module.__fl_meta__ = {**site_meta, SAMPLES_KEY: datamodule.num_train_samples}
         trainer = round_trainer(config, state, received.current_round)
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        for name in TRACKED_METRICS:
-            if name in trainer.callback_metrics:
-                tracker.add_scalar(name, float(trainer.callback_metrics[name]), global_step=received.current_round)
+        track_validation(tracker, trainer.callback_metrics, received.current_round)
         trainer.fit(module, datamodule=datamodule)
 
 

@@ -101,6 +101,9 @@ class ResilientFedAvg(FedAvg):
         timeout: int = 0,
         callback: Callable[[FLModel], None] | None = None,
     ) -> None:
+        """Send the round's task; the aggregator first learns the global model the updates must match."""
+        if task_name == self.task_name and data is not None and hasattr(self.aggregator, "expect"):
+            self.aggregator.expect(data.params or {}, self.current_round)
         self.broadcast_model(
             task_name=task_name,
             data=data,

@@ -13,23 +13,20 @@ from typing import Any
 import numpy as np
 
 from models.metrics import HISTOGRAM_BINS, threshold_from_histogram
-from models.protocol import VAL_HISTOGRAM_KEY
-
-MIN_HISTOGRAM_SUBJECTS = 5
-"""A site sends no histogram of fewer validation subjects: it would describe too few people."""
+from models.protocol import MIN_SUBJECTS_PER_FIGURE, VAL_HISTOGRAM_KEY
 
 
 def histogram_problem(value: Any) -> str:
     """Why `value` is not a calibration histogram a site may send ("" when it is one): 2 x HISTOGRAM_BINS
-    non-negative integers counting at least MIN_HISTOGRAM_SUBJECTS subjects."""
+    non-negative integers counting at least MIN_SUBJECTS_PER_FIGURE subjects."""
     try:
         histogram = np.asarray(value)
     except (TypeError, ValueError) as error:
         return f"not an array ({error})"
     if histogram.shape != (2, HISTOGRAM_BINS) or histogram.dtype.kind not in "iu" or (histogram < 0).any():
         return f"not 2 x {HISTOGRAM_BINS} non-negative integers"
-    if histogram.sum() < MIN_HISTOGRAM_SUBJECTS:
-        return f"counts {int(histogram.sum())} subjects, fewer than {MIN_HISTOGRAM_SUBJECTS}"
+    if histogram.sum() < MIN_SUBJECTS_PER_FIGURE:
+        return f"counts {int(histogram.sum())} subjects, fewer than {MIN_SUBJECTS_PER_FIGURE}"
     return ""
 
 

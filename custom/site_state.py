@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from models.atomic_io import torch_save_atomic
-from models.protocol import STATE_ENV, STATE_FILE
+from models.protocol import STATE_ENV, STATE_FILE_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -38,50 +39,84 @@ def site_state_dir(run_name: str, site: str, root: str | None = None) -> str:
 
 
 class SiteState:
-    """The private entries (local adapter, and the head when the policy keeps it local) saved after each round."""
+    """The private entries (local adapter, and the head when the policy keeps it local), one file per completed
+    round, the last KEEP_ROUNDS kept: a crash after a site saved round r, resumed at round r, still finds r - 1.
 
-    def __init__(self, directory: str):
+    Each file also names the run and the digest of the global model the round trained from.
+    """
+
+    KEEP_ROUNDS = 3
+
+    def __init__(self, directory: str, run_name: str = ""):
         self.directory = directory
-        self.path = os.path.join(directory, STATE_FILE)
+        self.run_name = run_name
 
-    def save(self, private: Mapping[str, torch.Tensor], completed_round: int) -> None:
-        """Persist the private entries reached at the end of `completed_round`."""
+    @property
+    def path(self) -> str:
+        """The folder, as error messages name it."""
+        return self.directory
+
+    def round_path(self, completed_round: int) -> str:
+        return os.path.join(self.directory, STATE_FILE_PATTERN.format(completed_round))
+
+    def saved_rounds(self) -> list[int]:
+        """The completed rounds with a saved state, oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        prefix, suffix = STATE_FILE_PATTERN.split("{")[0], STATE_FILE_PATTERN.split("}")[1]
+        rounds = []
+        for name in os.listdir(self.directory):
+            number = name[len(prefix) : -len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
+            if number.isdigit():
+                rounds.append(int(number))
+        return sorted(rounds)
+
+    def save(self, private: Mapping[str, torch.Tensor], completed_round: int, global_digest: str = "") -> None:
+        """Persist the private entries reached at the end of `completed_round`; drop all but the last few."""
         state = {key: value.detach().cpu().clone() for key, value in private.items()}
-        torch_save_atomic(self.path, {"round": completed_round, "state": state})
+        record = {"round": completed_round, "run": self.run_name, "global_digest": global_digest, "state": state}
+        torch_save_atomic(self.round_path(completed_round), record)
+        for old in self.saved_rounds()[: -self.KEEP_ROUNDS]:
+            os.remove(self.round_path(old))
 
-    def load(self) -> tuple[dict[str, torch.Tensor], int] | None:
-        """The saved private entries and the round they completed, or None when nothing was saved."""
-        if not os.path.exists(self.path):
+    def load(self, completed_round: int | None = None) -> tuple[dict[str, torch.Tensor], int] | None:
+        """The private entries saved at `completed_round` (default: the latest) and that round, or None."""
+        rounds = self.saved_rounds()
+        if completed_round is None:
+            completed_round = rounds[-1] if rounds else None
+        if completed_round is None or completed_round not in rounds:
             return None
+        path = self.round_path(completed_round)
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            return dict(saved["state"]), int(saved["round"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"{self.path}: unreadable site state ({error})") from error
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            state, saved_round = dict(saved["state"]), int(saved["round"])
+        except (KeyError, TypeError, ValueError, RuntimeError, OSError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{path}: unreadable site state ({str(error).splitlines()[0]})") from error
+        if saved_round != completed_round or (self.run_name and saved.get("run") not in ("", self.run_name)):
+            raise ValueError(f"{path}: holds round {saved_round} of run {saved.get('run')!r}, not this run's")
+        return state, saved_round
 
     def for_round(self, current_round: int | None) -> dict[str, torch.Tensor] | None:
         """What a site resumes from when it receives `current_round`, or None to start from the initialisation.
 
-        Round 0 starts a run afresh (a state left by an earlier run of the same name is ignored). A later round
-        resumes the latest saved state, with a warning when it is not the round right before. The final
-        evaluation (`current_round` None) takes the latest saved state.
+        Round 0 starts a run afresh (state left by an earlier run of the same name is ignored). Round r loads the
+        state of round r - 1, also when later rounds were saved (the server failed after the sites saved them);
+        without it, the latest earlier state, with a warning. The final evaluation (`current_round` None) takes the
+        latest saved state.
         """
-        saved = self.load()
+        rounds = self.saved_rounds()
         if current_round == 0:
-            if saved is not None:
-                logger.warning("%s: round 0 starts afresh; ignoring state saved at round %d", self.path, saved[1])
+            if rounds:
+                logger.warning("%s: round 0 starts afresh; ignoring the state of rounds %s", self.path, rounds)
             return None
-        if saved is None:
+        earlier = [r for r in rounds if current_round is None or r < current_round]
+        if not earlier:
             logger.warning("%s: no saved site state; the private entries start from their initialisation", self.path)
             return None
-        state, saved_round = saved
-        if current_round is not None and saved_round >= current_round:
-            logger.warning(
-                "%s: state of round %d is not before round %d; ignored", self.path, saved_round, current_round
-            )
-            return None
+        saved_round = earlier[-1]
         if current_round is not None and saved_round != current_round - 1:
             logger.warning("%s: resuming round %d from state of round %d", self.path, current_round, saved_round)
         else:
             logger.info("%s: resuming from the private state saved at round %d", self.path, saved_round)
-        return state
+        loaded = self.load(saved_round)
+        return loaded[0] if loaded else None

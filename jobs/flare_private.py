@@ -51,7 +51,9 @@ class PolicyFedAvgRecipe(FedAvgRecipe):
     tolerated, the two-stage final evaluation), with every recipe option kept.
 
     `fedprox_mu` goes to the controller, which sends it with every training task (NVFlare's FedProx); `start_round`
-    resumes a round count; `shares_nothing` lets a policy that shares nothing (local-only) run with an empty model.
+    resumes a round count; `shares_nothing` lets a policy that shares nothing (local-only) run with an empty model;
+    `round_timeout_s` bounds every task, `straggler_wait_s` how long a round waits for the rest once the minimum
+    answered.
     """
 
     def __init__(
@@ -60,9 +62,13 @@ class PolicyFedAvgRecipe(FedAvgRecipe):
         start_round: int = 0,
         shares_nothing: bool = False,
         fedprox_mu: float | None = None,
+        round_timeout_s: int = 0,
+        straggler_wait_s: int = 3600,
         **recipe_arguments: Any,
     ) -> None:
         # FedAvgRecipe builds the controller inside its __init__: these must be set first.
+        self._round_timeout_s = round_timeout_s
+        self._straggler_wait_s = straggler_wait_s
         self._start_round = start_round
         self._shares_nothing = shares_nothing
         self._fedprox_mu = fedprox_mu
@@ -82,4 +88,6 @@ class PolicyFedAvgRecipe(FedAvgRecipe):
             **arguments,
             min_responses=self.min_clients,
             allow_empty_global_weights=self._shares_nothing,
+            round_timeout_s=self._round_timeout_s,
+            straggler_wait_s=self._straggler_wait_s,
         )

@@ -38,6 +38,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     federation.add_argument("--start-round", type=int, default=0, help="with --resume-from: the first round to run")
     federation.add_argument("--resume-from", default=None, help="FL_global_model.pt of the run to resume")
     federation.add_argument(
+        "--max-samples-per-site",
+        type=int,
+        default=FederationConfig.max_samples_per_site,
+        help="the largest training-sample count a site may claim; more is rejected, not clipped",
+    )
+    federation.add_argument(
+        "--round-timeout-s",
+        type=int,
+        default=FederationConfig.round_timeout_s,
+        help="a round ends after this many seconds with whoever answered (default: %(default)s)",
+    )
+    federation.add_argument(
+        "--straggler-wait-s",
+        type=int,
+        default=FederationConfig.straggler_wait_s,
+        help="once the minimum answered, how long a round still waits for the others (default: %(default)s)",
+    )
+    federation.add_argument(
+        "--clip-update-norm",
+        type=float,
+        default=None,
+        help="robust aggregation: scale each site's update down to this L2 norm when longer (default: off)",
+    )
+    federation.add_argument(
         "--real",
         action="store_true",
         help=f"CineMA-base with pretrained weights at every site (--weights default ${WEIGHTS_ENV}; torch's threads)",
@@ -62,6 +86,10 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         "start_round": args.start_round,
         "resume_from": args.resume_from,
         "name": args.name,
+        "max_samples_per_site": args.max_samples_per_site,
+        "clip_update_norm": args.clip_update_norm,
+        "round_timeout_s": args.round_timeout_s,
+        "straggler_wait_s": args.straggler_wait_s,
     }
     if args.real:
         weights = args.weights if args.weights != STANDIN else f"${WEIGHTS_ENV}"

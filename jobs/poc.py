@@ -21,7 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from app.site_config import SITE_CONFIG_FILE, SiteConfig
+from jobs.privacy import install_site_privacy
 from jobs.processes import processes_in, stop_processes_in, wait_until_gone
+from models.policy import SharingPolicy
 from models.protocol import DATA_ENV, SITES
 
 PROJECT_NAME = "med_duallora_poc"
@@ -60,7 +63,17 @@ def loopback_project(sites: Sequence[str], port: int) -> dict:
 class PocNetwork:
     """A POC network in `workspace`, used as a context manager that always stops what it started."""
 
-    def __init__(self, workspace: str | Path, sites: Sequence[str] = SITES, port: int | None = None, env=None):
+    def __init__(
+        self,
+        workspace: str | Path,
+        sites: Sequence[str] = SITES,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        site_policy: SharingPolicy | None = None,
+    ):
+        """`site_policy`: when given, each site gets its own privacy scope (jobs.privacy) allowing at most what
+        this policy shares, applied to every job whatever the job's own filters."""
+        self.site_policy = site_policy
         self.workspace = Path(workspace).resolve()
         self.sites = list(sites)
         self.port = port or free_port()
@@ -76,6 +89,9 @@ class PocNetwork:
         project_file = self.workspace / "project.yml"
         project_file.write_text(yaml.safe_dump(loopback_project(self.sites, self.port), sort_keys=False))
         self._nvflare("poc", "prepare", "-i", str(project_file), "--force")
+        if self.site_policy is not None:
+            for site in self.sites:
+                install_site_privacy(self.prod_dir / site / "local", self.site_policy)
         try:
             self._nvflare("poc", "start", timeout=300)
         except BaseException:
@@ -131,14 +147,35 @@ class PocNetwork:
         return reply["data"]
 
 
+def run_jobs(
+    job_dirs: Sequence[str | Path],
+    workspace: str | Path,
+    data_root: str,
+    timeout: int = 900,
+    port: int | None = None,
+    site_policy: SharingPolicy | None = None,
+) -> list[dict]:
+    """Run jobs one after the other on one fresh loopback POC network, each site in its own privacy scope
+    (`site_policy`, default: the first job's policy); per job, its id, status and result folders."""
+    if site_policy is None:
+        site_policy = SiteConfig.read(Path(job_dirs[0]) / "app" / "custom" / SITE_CONFIG_FILE).policy
+    env = {DATA_ENV: str(Path(data_root).resolve())}
+    results = []
+    with PocNetwork(workspace, port=port, env=env, site_policy=site_policy) as network:
+        for job_dir in job_dirs:
+            job_id = network.submit(job_dir)
+            status = network.wait(job_id, timeout)
+            server_dir = network.download(job_id)
+            sites = {site: str(network.site_run_dir(site, job_id)) for site in network.sites}
+            results.append(
+                {"job_id": job_id, "status": status, "server": str(server_dir), "sites": sites, "port": network.port}
+            )
+    return results
+
+
 def run_job(job_dir: str | Path, workspace: str | Path, data_root: str, timeout: int = 900, port=None) -> dict:
-    """Run one job on a fresh loopback POC network; returns the job id, status and result folders."""
-    with PocNetwork(workspace, port=port, env={DATA_ENV: str(Path(data_root).resolve())}) as network:
-        job_id = network.submit(job_dir)
-        status = network.wait(job_id, timeout)
-        server_dir = network.download(job_id)
-        sites = {site: str(network.site_run_dir(site, job_id)) for site in network.sites}
-    return {"job_id": job_id, "status": status, "server": str(server_dir), "sites": sites, "port": network.port}
+    """Run one job on a fresh loopback POC network (`run_jobs`)."""
+    return run_jobs([job_dir], workspace, data_root, timeout, port)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from nvflare.client.config import ExchangeFormat
 from nvflare.recipe import add_experiment_tracking
 
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
-from custom.aggregators import SharedKeyAggregator
+from custom.aggregators import DEFAULT_MAX_SAMPLES_PER_SITE, SharedKeyAggregator
 from custom.comm import PayloadMeter
 from custom.filters import SharedKeysOnly
 from jobs.flare_private import PolicyFedAvgRecipe, ship_packages
@@ -59,6 +59,15 @@ class FederationConfig:
     resume_from: str | None = None
     """FL_global_model.pt of the run being resumed (with `start_round`)."""
     name: str | None = None
+    max_samples_per_site: int = DEFAULT_MAX_SAMPLES_PER_SITE
+    """The largest training-sample count a site may claim; an update claiming more is rejected, not clipped."""
+    clip_update_norm: float | None = None
+    """Robust aggregation: each site's update is scaled down to this L2 norm when longer (None = off)."""
+    round_timeout_s: int = 3600
+    """A round (and each final evaluation stage) ends after this many seconds, with whoever answered: a hung site
+    cannot stall the federation for longer."""
+    straggler_wait_s: int = 600
+    """Once `min_clients` sites answered, how long a round still waits for the others."""
 
     @classmethod
     def for_method(
@@ -72,6 +81,10 @@ class FederationConfig:
         start_round: int = 0,
         resume_from: str | None = None,
         name: str | None = None,
+        max_samples_per_site: int = DEFAULT_MAX_SAMPLES_PER_SITE,
+        clip_update_norm: float | None = None,
+        round_timeout_s: int = 3600,
+        straggler_wait_s: int = 600,
         **site_settings: Any,
     ) -> FederationConfig:
         """The run of `method`; `site_settings` are SiteConfig fields (local_epochs, weights, adapter, ...)."""
@@ -83,6 +96,10 @@ class FederationConfig:
             start_round=start_round,
             resume_from=resume_from,
             name=name,
+            max_samples_per_site=max_samples_per_site,
+            clip_update_norm=clip_update_norm,
+            round_timeout_s=round_timeout_s,
+            straggler_wait_s=straggler_wait_s,
         )
 
     @property
@@ -165,13 +182,20 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
     recipe = PolicyFedAvgRecipe(
         shares_nothing=not config.policy.shared_parts,
         start_round=config.start_round,
+        round_timeout_s=config.round_timeout_s,
+        straggler_wait_s=config.straggler_wait_s,
         fedprox_mu=config.site.proximal_mu if shares_everything_trained and config.site.proximal_mu else None,
         name=config.job_name,
         min_clients=config.min_clients,
         num_rounds=config.rounds,
         train_script=train_script,
         train_args=f"--config {SITE_CONFIG_FILE}",
-        aggregator=SharedKeyAggregator(policy),
+        aggregator=SharedKeyAggregator(
+            policy,
+            min_updates=config.min_clients,
+            max_samples_per_site=config.max_samples_per_site,
+            clip_update_norm=config.clip_update_norm,
+        ),
         model_persistor=PTFileModelPersistor(
             source_ckpt_file_full_name=INITIAL_CHECKPOINT, allow_numpy_conversion=False, load_device="cpu"
         ),

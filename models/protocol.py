@@ -25,8 +25,8 @@ GLOBAL_MODEL_FILE = "FL_global_model.pt"
 """NVFlare's persisted global model in the server's app folder."""
 COMM_DIR = "comm"
 """The server's byte records (`bytes_up.json`, `bytes_down.json`) in its run directory."""
-STATE_FILE = "private_state.pt"
-"""A site's private entries, in its state folder."""
+STATE_FILE_PATTERN = "private_state_round{:05d}.pt"
+"""A site's private entries after a completed round, in its state folder (the last few rounds are kept)."""
 
 # ---- meta keys and metric names exchanged with NVFlare ----------------------------------------------------------
 SAMPLES_KEY = "num_train_samples"
@@ -41,6 +41,8 @@ GLOBAL_THRESHOLD_KEY = "global_threshold"
 VAL_HISTOGRAM_KEY = "val_global_histogram"
 """CALIBRATE reply metric: the site's per-class histogram of the global model's validation scores."""
 
+MIN_SUBJECTS_PER_FIGURE = 5
+"""No figure a site sends (a metric, a score histogram, a tracked curve) may describe fewer subjects."""
 METRIC_NAMES = ("bal_acc", "sensitivity", "specificity", "auroc", "mcc", "f1")
 """Disease-detection metrics of every scored model (models.metrics.detection_metrics)."""
 ROUND_METRIC = "val_bal_acc"

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from custom.site_state import site_state_dir
+from custom.site_state import SiteState, site_state_dir
 from jobs.recipe import FederationConfig, export_job
 from jobs.simulate import SimulatorRun
-from models.protocol import SITES, STATE_FILE
+from models.protocol import SITES
 
 pytestmark = pytest.mark.slow
 
@@ -59,5 +59,5 @@ def test_every_site_refuses_a_global_model_that_carries_a_local_key(tampered_run
     assert run.problems(), "the run must not pass as complete"
     # No site loaded the injected values: its saved local adapter (round 0) holds no 7.0 in that matrix.
     for site in SITES:
-        saved = torch.load(f"{site_state_dir('downlink', site, str(state_root))}/{STATE_FILE}", weights_only=True)
-        assert not torch.equal(saved["state"][INJECTED], torch.full((8, 64), 7.0)), site
+        saved, completed_round = SiteState(site_state_dir("downlink", site, str(state_root))).load()
+        assert completed_round == 0 and not torch.equal(saved[INJECTED], torch.full((8, 64), 7.0)), site

@@ -13,18 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from custom.site_state import state_digest
 from data_prep.cohort import assert_disjoint_from_standin
 from data_prep.datamodule import VendorDataModule
 from data_prep.prepare import main as prepare_main
 from data_prep.synthesize import synthesize
-from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state
+from jobs.recipe import FederationConfig, export_job, initial_global_state
 from jobs.simulate import run_simulator
 from models.dual_lora import adapters_active
 from models.lit import DualLoRAClassifier
 from models.metrics import detection_metrics
-from models.protocol import DATA_ENV, STATE_ENV
+from models.protocol import DATA_ENV, SITES, STATE_ENV
 from models.standin import prepare_args
 
 pytestmark = pytest.mark.slow
@@ -113,3 +114,11 @@ def test_every_round_each_site_trains_from_the_global_model_the_server_made(lear
         trained_from = {int(r): digest for r, digest in SITE_TRAINS_FROM.findall(learned.log(site))}
         assert sorted(trained_from) == list(range(CONFIG.rounds)), site
         assert all(trained_from[r] == expected[r] for r in trained_from), (site, trained_from, expected)
+
+
+def test_each_site_streams_its_validation_curve_about_enough_subjects(learned):
+    """Every site validates at least 5 subjects here, so its curve reaches the server's TensorBoard each round."""
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(learned.server_dir / "tb_events"))
+    multiplexer.Reload()
+    for site in SITES:
+        assert len(multiplexer.Scalars(site, "val_bal_acc")) == CONFIG.rounds, site

@@ -14,8 +14,10 @@ import torch
 
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from jobs.job import config_from_args, parse_args
-from jobs.recipe import INITIAL_CHECKPOINT, PACKAGES, REPO, SITES, FederationConfig, export_job
+from jobs.privacy import site_privacy_policy
+from jobs.recipe import INITIAL_CHECKPOINT, PACKAGES, REPO, FederationConfig, export_job
 from models.policy import POLICY_NAMES, get_policy
+from models.protocol import SITES
 
 COMMITTED = REPO / "jobs" / "med_duallora"
 
@@ -116,7 +118,8 @@ def test_parameters_reach_the_job(tmp_path):
     # The filter and the aggregator receive the same serialised policy object the sites do.
     filter_args = client["task_result_filters"][0]["filters"][0]["args"]
     aggregator_args = server["workflows"][0]["args"]["aggregator"]["args"]
-    assert filter_args == aggregator_args == {"policy": get_policy("fedsa_lora").to_dict()}
+    assert filter_args == {"policy": get_policy("fedsa_lora").to_dict()}
+    assert aggregator_args == {"policy": get_policy("fedsa_lora").to_dict(), "min_updates": 3}
 
 
 def test_the_real_configuration_is_cinema_base_with_site_weights(tmp_path):
@@ -177,3 +180,9 @@ def test_the_job_survives_the_config_rewrite_of_nvflare_job_submit(fresh_export,
     rewritten = SiteConfig.read(job / "app" / "custom" / SITE_CONFIG_FILE)
     assert rewritten == SiteConfig.read(fresh_export / "app" / "custom" / SITE_CONFIG_FILE)
     assert json.loads(_files(job)["app/custom/site_config.json"]) == json.loads(before["app/custom/site_config.json"])
+
+
+def test_the_committed_site_privacy_scope_is_the_med_duallora_allowlist():
+    """`jobs/production/privacy.json` is what each hospital copies into its startup kit's `local/` folder."""
+    committed = json.loads((REPO / "jobs" / "production" / "privacy.json").read_text())
+    assert committed == site_privacy_policy(get_policy("med_duallora")), "regenerate it with jobs.privacy"

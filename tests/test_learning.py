@@ -13,7 +13,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from torch.utils.data import DataLoader
 
 from custom.aggregators import SharedKeyAggregator
@@ -115,11 +115,14 @@ def federate(policy: str, rounds: int = 4, local_epochs: int = 5) -> dict[str, f
     }
     modules = {site: toy_module(policy, local_epochs) for site in sites}
     aggregator = SharedKeyAggregator(modules["a"].policy.to_dict())
-    for _ in range(rounds):
+    global_model = modules["a"].shared_state_dict()
+    for current_round in range(rounds):
+        aggregator.expect(global_model, current_round)
         for site, (train, _) in sites.items():
             fit(modules[site], train, local_epochs)
-            shared = modules[site].shared_state_dict()
-            assert aggregator.accept_model(FLModel(params=shared, meta={"client_name": site, SAMPLES_KEY: len(train)}))
+            meta = {"client_name": site, SAMPLES_KEY: len(train)}
+            update = FLModel(params=modules[site].shared_state_dict(), params_type=ParamsType.FULL, meta=meta)
+            assert aggregator.accept_model(update)
         global_model = aggregator.aggregate_model().params
         for module in modules.values():
             module.load_shared_state_dict(global_model)

@@ -7,16 +7,18 @@ import re
 
 import pytest
 
-from jobs.recipe import SITES, FederationConfig, export_job, initial_global_state
+from jobs.recipe import FederationConfig, export_job, initial_global_state
 from jobs.simulate import SimulatorRun
+from models.protocol import SITES
 
 pytestmark = pytest.mark.slow
 
 CONFIG = FederationConfig.for_method(rounds=2, local_epochs=1, min_clients=4)
 INJECTED = ("model.site_statistics.mean", "model.base_model.model.encoder.blocks.3.attn.q.lora_A.local_copy.weight")
 
-# The real site script, patched so that `philips` tries to send two extra private entries and a tensor in the
-# metadata on top of the whole state dict (local adapter included) that the Lightning callback already sends.
+# The real site script, patched so that `philips` tries to send two extra private entries, and its local adapter,
+# subject rows and text in the metadata and the metrics, on top of the whole state dict (local adapter included)
+# that the Lightning callback already sends.
 LEAKY_CLIENT = f"""
 import torch
 import nvflare.app_opt.lightning.api as lightning_api
@@ -30,7 +32,12 @@ def leaky_send(model, *args, **kwargs):
     if flare.get_site_name() == "philips" and model.params:
         for key in {INJECTED!r}:
             model.params[key] = torch.ones(2, 2)
+        local_a = next(value for key, value in model.params.items() if ".lora_A.local." in key)
         model.meta["smuggled"] = torch.ones(2)
+        model.meta["smuggled_list"] = local_a.tolist()
+        model.meta["smuggled_bytes"] = local_a.numpy().tobytes()
+        model.meta["note"] = "patient001 p=0.93"
+        model.metrics = dict(model.metrics or {{}}, rows=[{{"subject_id": "patient001", "p_diseased": 0.93}}])
     return _send(model, *args, **kwargs)
 
 
@@ -70,6 +77,21 @@ def test_not_one_local_key_reaches_the_server(leaky_run):
         assert set(record["keys"]) == shared, f"{record['site']} round {record['round']}"
         assert record["not_shared"] == []
         assert not any(".local" in key or key in INJECTED for key in record["keys"])
+
+
+SITE_META = {"NUM_STEPS_CURRENT_ROUND", "full_model_bytes", "initial_metrics", "num_train_samples"}
+"""What a site's training result may carry besides the shared keys (custom.filters.RESULT_META_KEYS)."""
+ADDED_AFTER_THE_SITE = {"filter_history", "client_name", "props"}
+"""NVFlare's own: the filters applied (DXOFilter), and what the server attaches (the site's name, the task's props)."""
+
+
+def test_no_undeclared_metadata_reaches_the_server(leaky_run):
+    """On what the server received (its audit): only the declared metadata, from the leaking site too."""
+    for record in leaky_run.received_keys():
+        assert set(record["meta_keys"]) == SITE_META | ADDED_AFTER_THE_SITE, record["site"]
+        assert not {"rows"} & set(record["metric_keys"]), record["site"]
+    log = leaky_run.log("philips")
+    assert "meta.smuggled_list" in log and "meta.note" in log  # dropped and counted at the site
 
 
 def test_the_filter_stripped_what_the_patched_site_added(leaky_run):

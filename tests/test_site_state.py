@@ -1,0 +1,59 @@
+"""A site's private state: one file per completed round, the last few kept, resumed from the round before."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from custom.site_state import SiteState
+
+KEY = "model.base_model.model.encoder.blocks.3.attn.q.lora_B.local.weight"
+
+
+def _state(value: float) -> dict[str, torch.Tensor]:
+    return {KEY: torch.full((2, 2), value)}
+
+
+@pytest.fixture
+def state(tmp_path) -> SiteState:
+    return SiteState(str(tmp_path / "run" / "ge"), run_name="run")
+
+
+def test_resuming_at_round_r_loads_round_r_minus_1_even_after_later_rounds_were_saved(state):
+    """The server fails in round 2 after the sites saved round 2; the operator resumes at round 2."""
+    for completed in range(3):
+        state.save(_state(float(completed)), completed, global_digest=f"g{completed}")
+    assert torch.equal(state.for_round(2)[KEY], _state(1.0)[KEY])
+    assert torch.equal(state.for_round(3)[KEY], _state(2.0)[KEY])
+    assert torch.equal(state.for_round(None)[KEY], _state(2.0)[KEY])  # the final evaluation: the latest
+
+
+def test_only_the_last_rounds_are_kept(state):
+    for completed in range(6):
+        state.save(_state(float(completed)), completed)
+    assert state.saved_rounds() == [3, 4, 5]
+    assert state.load() is not None and state.load()[1] == 5
+
+
+def test_round_0_starts_afresh_and_a_gap_is_said(state, caplog):
+    state.save(_state(1.0), 0)
+    assert state.for_round(0) is None
+    with caplog.at_level(logging.WARNING):
+        resumed = state.for_round(4)
+    assert torch.equal(resumed[KEY], _state(1.0)[KEY]) and "resuming round 4 from state of round 0" in caplog.text
+
+
+def test_a_state_of_another_run_is_refused(tmp_path):
+    SiteState(str(tmp_path / "ge"), run_name="other").save(_state(1.0), 0)
+    with pytest.raises(ValueError, match="not this run's"):
+        SiteState(str(tmp_path / "ge"), run_name="run").for_round(1)
+
+
+def test_an_unreadable_state_names_the_file(state):
+    state.save(_state(1.0), 0)
+    with open(state.round_path(0), "wb") as broken:
+        broken.write(b"not a checkpoint")
+    with pytest.raises(ValueError, match="private_state_round00000.pt: unreadable site state"):
+        state.for_round(1)
