@@ -223,7 +223,8 @@ def add_site_arguments(parser: argparse.ArgumentParser) -> None:
             _add_option(group, item, getattr(adapter_defaults, item.name))
 
 
-def _add_option(group: argparse._ArgumentGroup, item: dataclasses.Field, default: Any) -> None:
+def _add_option(group: Any, item: dataclasses.Field, default: Any) -> None:
+    """One option for a dataclass field on an argparse group (its help text, its default, booleans as --x/--no-x)."""
     flag = "--" + item.name.replace("_", "-")
     text = item.metadata.get("help", "")
     if item.name == "blocks":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from app.site_config import add_site_arguments, site_config_from_arguments
 from jobs.poc import run_job
-from jobs.recipe import REPO, FederationConfig, export_job, staged_recipe
+from jobs.recipe import REPO, FederationConfig, export_job, real_site_settings, staged_recipe
 from jobs.simulate import run_simulator
 from models.protocol import DATA_ENV, SITES, WEIGHTS_ENV
 from models.standin import STANDIN
@@ -93,9 +93,8 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
     }
     if args.real:
         weights = args.weights if args.weights != STANDIN else f"${WEIGHTS_ENV}"
-        backbone = None if args.cinema_config else args.backbone or "base"
-        site = site_config_from_arguments(args, weights=weights, backbone=backbone, threads=0)
-        return FederationConfig(site=site, **federation)
+        real = real_site_settings(weights, args.cinema_config, args.backbone)
+        return FederationConfig(site=site_config_from_arguments(args, **real), **federation)
     return FederationConfig(site=site_config_from_arguments(args), **federation)
 
 

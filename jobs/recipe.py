@@ -125,15 +125,20 @@ class FederationConfig:
         return dataclasses.replace(self, **own)
 
 
+def real_site_settings(
+    weights: str = f"${WEIGHTS_ENV}", cinema_config: str | None = None, backbone: str | None = None
+) -> dict[str, Any]:
+    """The sites' settings of the CineMA configuration: pretrained weights at every site (CineMA-base unless a
+    config.yaml or `backbone` says otherwise), torch's own thread count."""
+    backbone = None if cinema_config else backbone or "base"
+    return {"weights": weights, "cinema_config": cinema_config, "backbone": backbone, "threads": 0}
+
+
 def real_config(
     weights: str = f"${WEIGHTS_ENV}", cinema_config: str | None = None, **changes: Any
 ) -> FederationConfig:
-    """The CineMA configuration: pretrained weights at every site (CineMA-base unless a config.yaml says otherwise),
-    torch's own thread count."""
-    backbone = None if cinema_config else "base"
-    return FederationConfig.for_method(
-        weights=weights, cinema_config=cinema_config, backbone=backbone, threads=0, **changes
-    )
+    """The CineMA configuration (`real_site_settings`) of a run; `changes` are FederationConfig.for_method's."""
+    return FederationConfig.for_method(**real_site_settings(weights, cinema_config), **changes)
 
 
 def initial_global_state(config: FederationConfig) -> dict[str, torch.Tensor]:
