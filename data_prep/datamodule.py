@@ -14,7 +14,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from data_prep.preprocess import read_volume
-from data_prep.report import read_manifest
+from data_prep.report import image_path, read_manifest
 from data_prep.splits import SPLITS
 from models.protocol import DATA_ENV
 
@@ -55,7 +55,9 @@ class CachedVolumes(Dataset):
 
     def __init__(self, root: Path, rows: Sequence[dict[str, str]], transform: Compose | None) -> None:
         self.rows = list(rows)
-        self.volumes = [np.rint(read_volume(root / row["image"]) * 255).astype(np.uint8) for row in self.rows]
+        self.volumes = [
+            np.rint(read_volume(image_path(root / "manifest.csv", row)) * 255).astype(np.uint8) for row in self.rows
+        ]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -143,7 +145,7 @@ class VendorDataModule(L.LightningDataModule):
                 continue
             transform = None
             if split == "train" and self.augment:
-                first = read_volume(self.root / self.rows["train"][0]["image"])
+                first = read_volume(image_path(self.root / "manifest.csv", self.rows["train"][0]))
                 transform = self.transform((first.shape[1], first.shape[2]), self.seed)
             self.datasets[split] = CachedVolumes(self.root, self.rows[split], transform)
 

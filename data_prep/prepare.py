@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import os
 import sys
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +26,13 @@ from data_prep.splits import assign_splits
 
 VOLUME_FOLDER = "volumes"
 MAX_TASKS_PER_WORKER = 64
+"""Subjects a worker process prepares before it is replaced (bounds what a slow leak in a library can grow to)."""
+IN_FLIGHT_PER_WORKER = 2
+"""Subjects submitted per worker and not yet consumed: keeps every worker busy while memory stays bounded."""
+
+
+class WorkerCrashError(RuntimeError):
+    """A worker process died (e.g. killed by the out-of-memory killer): the run cannot be completed."""
 
 
 @dataclass
@@ -67,22 +79,67 @@ def prepare_subject(record: SubjectRecord, geometry: Geometry, out_root: Path) -
     }
 
 
-def _prepare_task(task: tuple[SubjectRecord, Geometry, Path]) -> dict[str, object] | InputError:
-    return prepare_subject(*task)
-
-
 def _results(
     records: list[SubjectRecord], geometry: Geometry, out_root: Path, workers: int
 ) -> Iterator[dict[str, object] | InputError]:
-    """Results in record order; several processes when workers > 1 (each holds one subject at a time)."""
-    tasks = [(record, geometry, out_root) for record in records]
-    if workers <= 1 or len(tasks) <= 1:
+    """Results in record order; with workers > 1 they come from forked worker processes (see `_pool_results`)."""
+    if workers <= 1:
         _worker_init()
-        yield from map(_prepare_task, tasks)
+        for record in records:
+            yield prepare_subject(record, geometry, out_root)
         return
+    batch = workers * MAX_TASKS_PER_WORKER
+    for start in range(0, len(records), batch):
+        yield from _pool_results(records[start : start + batch], geometry, out_root, workers)
+
+
+def _pool_results(
+    records: list[SubjectRecord], geometry: Geometry, out_root: Path, workers: int
+) -> Iterator[dict[str, object] | InputError]:
+    """Results of `records` in order from one executor of forked workers, at most 2 per worker in flight.
+
+    The executor is not reused across batches: `max_tasks_per_child` cannot be combined with the fork start method
+    (ProcessPoolExecutor raises ValueError), so `_results` recycles workers by starting one executor per batch.
+    A worker that dies raises WorkerCrashError naming the subjects in flight.
+    """
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=_worker_init, maxtasksperchild=MAX_TASKS_PER_WORKER) as pool:
-        yield from pool.imap(_prepare_task, tasks, chunksize=1)
+    executor = ProcessPoolExecutor(min(workers, len(records)), mp_context=context, initializer=_worker_init)
+    pending = iter(records)
+    window: deque[tuple[SubjectRecord, Future]] = deque()
+
+    def submit(count: int) -> None:
+        for record in itertools.islice(pending, count):
+            window.append((record, executor.submit(prepare_subject, record, geometry, out_root)))
+
+    try:
+        submit(IN_FLIGHT_PER_WORKER * workers)
+        while window:
+            try:
+                result = window[0][1].result()
+            except BrokenProcessPool as error:
+                raise WorkerCrashError(_crash_message(window, error)) from error
+            window.popleft()
+            submit(1)
+            yield result
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _crash_message(window: deque[tuple[SubjectRecord, Future]], error: BrokenProcessPool) -> str:
+    """Why the pool broke and the subjects in flight (a dead worker was preparing one of them)."""
+    lost = [record for record, future in window if future.done() and isinstance(future.exception(), BrokenProcessPool)]
+    subjects = "; ".join(f"{record.subject_id} (source {record.source})" for record in lost)
+    return (
+        "a worker process died (killed by a signal, e.g. the out-of-memory killer) or a result could not be read "
+        f"back{_remote_cause(error)}; subjects in flight: {subjects}. No manifest.csv was written"
+    )
+
+
+def _remote_cause(error: BrokenProcessPool) -> str:
+    """The error that broke the pool, e.g. a result that failed to unpickle, as ' (...)'; '' for a killed worker."""
+    text = str(error.__cause__) if error.__cause__ is not None else ""
+    lines = [line.strip() for line in text.strip().strip("'").splitlines() if line.strip()]
+    return f" ({lines[-1]})" if lines else ""
 
 
 def _clean_output(out_root: Path) -> None:
@@ -106,7 +163,8 @@ def run_prepare(
 ) -> PrepareResult:
     """The whole prepare step; writes manifest.csv (unless --strict stopped it) and skipped.csv under `out_root`.
 
-    Defaults: CineMA's geometry and the label rule NOR = 0, every other code = 1.
+    Defaults: CineMA's geometry and the label rule NOR = 0, every other code = 1. A worker process that dies raises
+    WorkerCrashError and nothing is written (manifest.csv is only written at the end, atomically).
     """
     geometry = geometry or Geometry()
     rule = rule or LabelRule()
@@ -121,14 +179,15 @@ def run_prepare(
         write_skipped(out_root / "skipped.csv", problems[:1])
         return PrepareResult([], problems[:1], stopped=True)
     rows: list[dict[str, object]] = []
-    for result in _results(found.records, geometry, out_root, workers):
-        if isinstance(result, InputError):
-            problems.append(result)
-            if strict:
-                write_skipped(out_root / "skipped.csv", problems)
-                return PrepareResult(rows, problems, stopped=True)
-        else:
-            rows.append(result)
+    with closing(_results(found.records, geometry, out_root, workers)) as results:
+        for result in results:
+            if isinstance(result, InputError):
+                problems.append(result)
+                if strict:
+                    write_skipped(out_root / "skipped.csv", problems)
+                    return PrepareResult(rows, problems, stopped=True)
+            else:
+                rows.append(result)
     splits = assign_splits(
         ((str(r["subject_id"]), str(r["client"]), int(r["label"])) for r in rows), seed, val_fraction, test_fraction
     )
@@ -179,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except WorkerCrashError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     for problem in result.problems[:20]:
         print(f"skipped: {problem.path}: {problem.reason}", file=sys.stderr)
     if len(result.problems) > 20:

@@ -28,7 +28,7 @@ from monai.data import MetaTensor
 from monai.transforms import Spacingd
 from scipy.ndimage import uniform_filter
 
-from data_prep.nifti import read_frames, save_atomic
+from data_prep.nifti import check_same_geometry, read_frames, save_atomic
 from data_prep.records import LV_LABEL, InputError, SubjectRecord
 
 MOTION_WINDOW_MM = 30.0
@@ -76,9 +76,10 @@ def _load(record: SubjectRecord) -> tuple[np.ndarray, np.ndarray | None, np.ndar
         raise InputError(record.ed_image.path, f"image of shape {ed.shape} is not a short-axis stack")
     label = None
     if record.ed_label is not None:
-        (label,), _ = read_frames([record.ed_label], is_label=True)
+        (label,), label_affine = read_frames([record.ed_label], is_label=True)
         if label.shape != ed.shape:
             raise InputError(record.ed_label.path, f"label shape {label.shape} differs from image shape {ed.shape}")
+        check_same_geometry(record.ed_label.path, label_affine, record.ed_image.path, affine)
         if not np.any(label == LV_LABEL):
             label = None
     return np.stack([ed, es]), label, affine
@@ -136,14 +137,14 @@ def _window_start(centre: float, size: int, target: int, pad_at_end: bool) -> in
     return 0 if pad_at_end else -((target - size) // 2)
 
 
-def _normalise(values: np.ndarray, already_normalised: bool, description: str) -> np.ndarray:
+def _normalise(values: np.ndarray, already_normalised: bool, path: Path) -> np.ndarray:
     """Clip to the 0.95 / 99.5 percentiles and rescale to [0, 1] (min-max only for already-normalised inputs)."""
     if already_normalised:
         low, high = float(values.min()), float(values.max())
     else:
         low, high = (float(v) for v in np.percentile(values, [0.95, 99.5]))
     if high <= low:
-        raise InputError(description, "image is constant inside the crop window (no contrast)")
+        raise InputError(path, "image is constant inside the crop window (no contrast)")
     return (np.clip(values, low, high) - low) / (high - low)
 
 
@@ -160,9 +161,9 @@ def preprocess(record: SubjectRecord, geometry: Geometry) -> PreparedVolume:
     source = tuple(slice(max(s, 0), min(s + t, n)) for s, t, n in zip(starts, targets, shape, strict=True))
     target = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(source, starts, strict=True))
     volume = np.zeros((*targets, 2), dtype=np.float32)
-    for channel in range(2):
+    for channel, ref in enumerate((record.ed_image, record.es_image)):
         window = images[channel][source]
-        volume[(*target, channel)] = _normalise(window, record.layout == "cinema", str(record.ed_image.path))
+        volume[(*target, channel)] = _normalise(window, record.layout == "cinema", ref.path)
     shift = np.eye(4)
     shift[:3, 3] = starts
     return PreparedVolume(volume, affine @ shift, int(shape[2]), original_spacing, method)

@@ -28,6 +28,10 @@ class InputError(Exception):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[InputError], tuple[str, str], dict[str, object]]:
+        """Pickle as (path, reason): the default would call InputError(message) and fail in the receiving process."""
+        return type(self), (self.path, self.reason), dict(self.__dict__)
+
 
 @dataclass(frozen=True)
 class FrameRef:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from data_prep.records import InputError
@@ -48,9 +48,33 @@ def write_skipped(path: Path, problems: Iterable[InputError]) -> None:
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
-    """Rows of a manifest.csv as dicts of strings."""
+    """Rows of a manifest.csv as dicts of strings; every `image` must lie under the data root (see `image_path`)."""
     with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        if "image" in row:
+            image_path(path, row)
+    return rows
+
+
+def image_path(manifest: Path, row: Mapping[str, str]) -> Path:
+    """The resolved volume of a manifest row (symbolic links followed); ValueError unless it lies in the data root.
+
+    `image` is relative to the data root (the manifest's folder): an absolute path, `..` or a link leading out of the
+    root are refused, naming the manifest, the row's subject_id and the field.
+    """
+    where = f"{manifest}: row subject_id={row.get('subject_id', '?')!r}, field image={row.get('image')!r}"
+    value = row.get("image") or ""
+    if not value.strip():
+        raise ValueError(f"{where}: empty volume path")
+    try:
+        data_root = Path(manifest).parent.resolve()
+        resolved = (data_root / value).resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symbolic link loop (Python < 3.13)
+        raise ValueError(f"{where}: cannot resolve the volume path ({error})") from error
+    if resolved == data_root or not resolved.is_relative_to(data_root):
+        raise ValueError(f"{where}: resolves to {resolved}, outside the data root {data_root}")
+    return resolved
 
 
 def summary(rows: Sequence[dict[str, object]], n_skipped: int) -> str:

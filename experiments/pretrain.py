@@ -43,6 +43,8 @@ from data_prep.cohort import Cohort, assert_disjoint, build_cohort, volume_diges
 from data_prep.phenotypes import PHENOTYPES, subject_phenotypes
 from data_prep.readers import discover
 from data_prep.records import LabelRule
+from data_prep.report import image_path
+from data_prep.report import read_manifest as read_prepared_manifest
 from experiments.probe import PATHOLOGY_GROUPS, pathology_group, probe_backbone
 from models.atomic_io import write_json_atomic, write_text_atomic
 from models.config import PRESET_NAMES, ConvViTConfig
@@ -63,9 +65,9 @@ SHIFT_VOXELS = 4
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
-    """Rows of a prepared root's manifest.csv; an error names the file and the missing column."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    """Rows of a prepared root's manifest.csv (every volume inside the root, data_prep.report); an error names the
+    file and the missing column."""
+    rows = read_prepared_manifest(path)
     for column in ("subject_id", "split", "pathology", "image"):
         if rows and column not in rows[0]:
             raise ValueError(f"{path}: manifest has no column {column!r}")
@@ -240,7 +242,8 @@ class StandInPretrainer(pl.LightningModule):
 def voxel_spacing(prepared: Path) -> tuple[float, ...]:
     """Voxel spacing (mm) of the prepared volumes, from the first one's NIfTI header."""
     first = read_manifest(prepared / "manifest.csv")[0]
-    return tuple(float(zoom) for zoom in nib.load(str(prepared / first["image"])).header.get_zooms()[:3])
+    volume = image_path(prepared / "manifest.csv", first)
+    return tuple(float(zoom) for zoom in nib.load(str(volume)).header.get_zooms()[:3])
 
 
 def downstream_model(trained: ConvViT, seed: int) -> ConvViT:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.cohort import volume_digests
 from data_prep.datamodule import VendorDataModule
 from data_prep.preprocess import read_volume
-from data_prep.report import read_manifest
+from data_prep.report import image_path, read_manifest
 from models.protocol import DATA_ENV
 
 
@@ -92,3 +93,68 @@ def test_volumes_are_read_once(prepared_root: Path, tmp_path: Path) -> None:
         labels = torch.cat([batch["label"] for batch in module.train_dataloader()])
         assert len(labels) == module.num_train_samples
     assert np.bincount(labels.numpy(), minlength=2).tolist() == module.train_class_counts
+
+
+def _copy_with_first_image(prepared_root: Path, destination: Path, image: str | None = None) -> dict[str, str]:
+    """Copy the prepared root; optionally rewrite the first manifest row's `image`. Returns that (original) row."""
+    shutil.copytree(prepared_root, destination)
+    manifest = destination / "manifest.csv"
+    header, first, *rest = manifest.read_text(encoding="utf-8").splitlines()
+    row = dict(zip(header.split(","), first.split(","), strict=True))
+    if image is not None:
+        first = first.replace(f",{row['image']},", f",{image},")
+        manifest.write_text("\n".join([header, first, *rest]) + "\n", encoding="utf-8")
+    return row
+
+
+def _link_out(root: Path, row: dict[str, str]) -> None:
+    """Replace the row's volume by a symbolic link to a copy outside the data root."""
+    outside = root.parent / "outside.nii.gz"
+    shutil.copy(root / row["image"], outside)
+    (root / row["image"]).unlink()
+    (root / row["image"]).symlink_to(outside)
+
+
+def _link_loop(root: Path, row: dict[str, str]) -> None:
+    """Replace the row's volume by a symbolic link to a sibling that links back to it."""
+    volume = root / row["image"]
+    volume.unlink()
+    volume.symlink_to("partner.nii.gz")
+    volume.with_name("partner.nii.gz").symlink_to(volume.name)
+
+
+ESCAPES = {
+    "parent folders": ("../../etc/passwd", None),
+    "absolute path": ("/etc/passwd", None),
+    "empty": ("", None),
+    "symbolic link out of the root": (None, _link_out),
+    "symbolic link loop": (None, _link_loop),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ESCAPES))
+def test_manifest_image_outside_the_data_root_is_refused(prepared_root: Path, tmp_path: Path, case: str) -> None:
+    image, breaker = ESCAPES[case]
+    root = tmp_path / "copy"
+    row = _copy_with_first_image(prepared_root, root, image)
+    if breaker is not None:
+        breaker(root, row)
+    expected = rf"{root / 'manifest.csv'}: row subject_id='{row['subject_id']}', field image="
+    with pytest.raises(ValueError, match=expected):
+        VendorDataModule(root, clients=row["client"])
+    with pytest.raises(ValueError, match="outside the data root|empty volume path|cannot resolve"):
+        read_manifest(root / "manifest.csv")
+    with pytest.raises(ValueError, match="field image="):
+        volume_digests(root)
+
+
+def test_links_inside_the_data_root_are_followed(prepared_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    row = _copy_with_first_image(prepared_root, root)
+    target = root / "volumes" / "elsewhere.nii.gz"
+    (root / row["image"]).rename(target)
+    (root / row["image"]).symlink_to(target)
+    (tmp_path / "root_link").symlink_to(root)
+    module = VendorDataModule(tmp_path / "root_link", clients=row["client"], augment=False)
+    module.setup("fit")
+    assert image_path(tmp_path / "root_link" / "manifest.csv", row) == target.resolve()

@@ -12,9 +12,11 @@ import pytest
 
 from data_prep.nifti import read_frames
 from data_prep.readers import acdc, discover, mnms, mnms2
+from data_prep.readers.common import list_files
 from data_prep.records import LV_LABEL, RV_LABEL, LabelRule, parse_label_overrides
 from data_prep.synthesize import plan_cohort
 from tests.conftest import SUBJECTS_PER_VENDOR
+from tests.test_bad_input import fail_after
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +181,25 @@ def test_mnms2_reader_requires_its_columns(one_subject) -> None:
     csv_path.write_text(csv_path.read_text().replace("VENDOR", "MAKER"))
     result = mnms2.find(sorted(p for p in root.rglob("*") if p.is_file()), LabelRule())
     assert not result[0] and "missing column 'VENDOR'" in result[1][0].reason
+
+
+def test_folder_symlink_loops_do_not_hang_discovery(one_subject) -> None:
+    root, folder, _ = one_subject("acdc")
+    (root / "sub").mkdir()
+    (root / "sub" / "loop").symlink_to("..")
+    (folder / "self").symlink_to(".")
+    with fail_after(30):
+        result = discover([root], LabelRule())
+        files = list_files(root)
+    assert [r.pid for r in result.records] == [folder.name] and not result.problems
+    assert not any(part in ("loop", "self") for path in files for part in path.relative_to(root).parts)
+
+
+def test_file_symlink_loop_is_listed_and_ignored_when_unused(one_subject) -> None:
+    root, folder, _ = one_subject("acdc")
+    (folder / "a.nii.gz").symlink_to("b.nii.gz")
+    (folder / "b.nii.gz").symlink_to("a.nii.gz")
+    with fail_after(30):
+        result = discover([root], LabelRule())
+    assert {folder / "a.nii.gz", folder / "b.nii.gz"} <= set(list_files(root))
+    assert [r.pid for r in result.records] == [folder.name] and not result.problems

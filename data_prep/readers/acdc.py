@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from data_prep.readers.common import check_ed_es, label_if_present, parse_int
+from data_prep.readers.common import check_ed_es, label_if_present, parse_int, present
 from data_prep.records import ACDC_LABEL_MAP, FrameRef, InputError, LabelRule, SubjectRecord
 
 PATIENT_DIR = re.compile(r"patient\d{3}")
@@ -49,7 +49,7 @@ def read_patient(info_path: Path, rule: LabelRule) -> SubjectRecord:
 
     def image(number: int, name: str) -> FrameRef:
         frame_file = folder / f"{pid}_frame{number:02d}.nii.gz"
-        if frame_file.is_file():
+        if present(frame_file):
             return FrameRef(frame_file)
         return FrameRef(folder / f"{pid}_4d.nii.gz", number - 1, frame_field=f"field {name} of {info_path}")
 

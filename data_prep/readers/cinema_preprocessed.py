@@ -68,12 +68,15 @@ def _read_folder(
 ) -> tuple[list[SubjectRecord], list[InputError]]:
     """Subjects of one folder whose metadata CSVs (e.g. train/val/test_metadata.csv) list the volumes below it."""
     rows: dict[str, tuple[Path, dict[str, str]]] = {}
+    problems: list[InputError] = []
     for csv_path in csv_paths:
         for row in read_csv(csv_path)[1]:
+            if not row["pid"]:
+                problems.append(InputError(csv_path, f"row without a value in field 'pid': {row}"))
+                continue
             rows.setdefault(row["pid"], (csv_path, row))
     by_pid = {image.name.removesuffix("_sax_ed.nii.gz"): image for image in images}
     records: list[SubjectRecord] = []
-    problems: list[InputError] = []
     for pid, (csv_path, row) in sorted(rows.items()):
         if pid not in by_pid:
             problems.append(InputError(csv_path, f"CSV row {pid} has no image {pid}_sax_ed.nii.gz"))

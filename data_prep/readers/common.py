@@ -14,7 +14,11 @@ RootReader = Callable[[Path, list[Path]], tuple[list[SubjectRecord], list[InputE
 
 
 def list_files(root: Path) -> list[Path]:
-    """Every file under `root`, at any depth, sorted (hidden files and partial outputs skipped)."""
+    """Every file under `root`, at any depth, sorted (hidden files and partial outputs skipped).
+
+    Symbolic links to folders are listed as folders but not entered (os.walk's default), so a link loop cannot hang
+    the search; a link to a file, even dangling or looping, is listed and reported when a reader needs it.
+    """
     found: list[Path] = []
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
@@ -69,9 +73,14 @@ def under(path: Path, root: Path) -> bool:
     return path.is_relative_to(root)
 
 
+def present(path: Path) -> bool:
+    """True when a file or a symbolic link (even dangling or looping) has this name: it is then read and checked."""
+    return os.path.lexists(path) and not path.is_dir()
+
+
 def label_if_present(path: Path, label_map: Mapping[int, int] | None = None) -> FrameRef | None:
-    """A reference to the label file `path` when it exists (labels are optional), else None."""
-    return FrameRef(path, label_map=label_map) if path.is_file() else None
+    """A reference to the label file `path` when it is present (labels are optional), else None."""
+    return FrameRef(path, label_map=label_map) if present(path) else None
 
 
 def find_per_root(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from data_prep.readers.common import check_ed_es, find_per_root, parse_int, read_csv, require_columns
+from data_prep.readers.common import check_ed_es, find_per_root, parse_int, present, read_csv, require_columns
 from data_prep.records import (
     MNMS_LABEL_MAP,
     MNMS_VENDOR_LETTERS,
@@ -52,7 +52,7 @@ def _record(csv_path: Path, row: dict[str, str], code: str, image: Path, rule: L
     pathology, label = rule.code_and_label("mnms", row["Pathology"], csv_path, f"Pathology (row {code})")
     vendor = _vendor(csv_path, row, code)
     gt = image.with_name(f"{code}_sa_gt.nii.gz")
-    has_gt = gt.is_file() and UNLABELED_FOLDER not in image.parts
+    has_gt = present(gt) and UNLABELED_FOLDER not in image.parts
 
     def frame(path: Path, index: int, name: str, label_map: dict[int, int] | None) -> FrameRef:
         return FrameRef(path, index, label_map, frame_field=f"field {name} of {csv_path.name}, row {code}, 0-based")

@@ -50,6 +50,8 @@ def _read_root(csv_path: Path, images: list[Path], rule: LabelRule) -> tuple[lis
     seen: set[str] = set()
     for row in rows:
         try:
+            if not row["SUBJECT_CODE"]:
+                raise InputError(csv_path, f"row without a value in field 'SUBJECT_CODE': {row}")
             number = parse_int(csv_path, row["SUBJECT_CODE"], "SUBJECT_CODE")
             pid = f"{number:03d}"
             seen.add(pid)
