@@ -80,6 +80,16 @@ def read_site_config(path: str) -> SiteConfig:
     raise FileNotFoundError(f"site configuration {path!r} not found (looked at {[str(c) for c in candidates]})")
 
 
+def site_run_dir(job_id: str) -> str:
+    """The site's folder of this job, `<site workspace>/<job id>`. NVFlare runs the script with the site workspace
+    as working directory in the site's job process, and with the app folder `<job id>/app_<...>` in a process of
+    its own (a process per round, a site-installed job)."""
+    here = Path.cwd()
+    if here.parent.name == job_id and here.name.startswith("app"):
+        return str(here.parent)
+    return str(here / job_id)
+
+
 def round_seed(seed: int, site: str, current_round: int | None) -> int:
     """The seed of a site's round (data order, augmentation, RNG), so that a round replays identically whether
     the site's process lived on from the previous round or started afresh (simulator `-t` < sites, restarts)."""
@@ -285,12 +295,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(config.threads)
     flare.init()
     site = flare.get_site_name()
-    run_dir = os.path.join(os.getcwd(), flare.get_job_id())
+    run_dir = site_run_dir(flare.get_job_id())
     data_root = os.environ.get(DATA_ENV)
     if not data_root:
         raise OSError(f"{DATA_ENV} is not set at site {site}: point it at the prepared data root")
     module = config.build_module()
-    state = SiteState(site_state_dir(config.run_name, site), config.run_name)
+    state = SiteState(site_state_dir(config.run_name, site, workspace=os.path.dirname(run_dir)), config.run_name)
     tracker = SummaryWriter()
     site_meta = {FULL_MODEL_BYTES_KEY: full_model_bytes(module)}
     while flare.is_running():

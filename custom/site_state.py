@@ -28,13 +28,14 @@ def state_digest(state: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def site_state_dir(run_name: str, site: str, root: str | None = None) -> str:
-    """`<root>/<run_name>/<site>`; root = `root`, else `$MED_DUALLORA_STATE`, else `med_duallora_state/` in the cwd.
+def site_state_dir(run_name: str, site: str, root: str | None = None, workspace: str | None = None) -> str:
+    """`<root>/<run_name>/<site>`; root = `root`, else `$MED_DUALLORA_STATE`, else `med_duallora_state/` in the
+    site's `workspace` (default: the working directory).
 
     The path names the run (the job name), not the NVFlare job id, so a resumed job finds the state of the
-    earlier one; an NVFlare client runs the script with the site workspace as working directory.
+    earlier one.
     """
-    base = root or os.environ.get(STATE_ENV) or os.path.join(os.getcwd(), "med_duallora_state")
+    base = root or os.environ.get(STATE_ENV) or os.path.join(workspace or os.getcwd(), "med_duallora_state")
     return os.path.join(base, run_name, site)
 
 

@@ -5,7 +5,7 @@ python jobs/job.py export --method fedit                    # jobs/fedit/
 python jobs/job.py export --real --out runs/real_jobs       # CineMA-base, weights from $MED_DUALLORA_WEIGHTS
 MED_DUALLORA_DATA=PREPARED python jobs/job.py simulate --workspace runs/sim
 MED_DUALLORA_DATA=PREPARED python jobs/job.py poc --rounds 2               # on a loopback POC network
-python jobs/job.py submit --startup-kit WS/prod_00/admin@nvidia.com
+python jobs/job.py submit --real --site-installed --startup-kit PROV/med_duallora/prod_00/admin@coordinator.example.org
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from app.site_config import add_site_arguments, site_config_from_arguments
-from jobs.poc import run_job
-from jobs.recipe import REPO, FederationConfig, export_job, real_site_settings, staged_recipe
+from jobs.poc import run_job, submit_folder
+from jobs.recipe import REPO, FederationConfig, export_job, real_site_settings
 from jobs.simulate import run_simulator
 from models.protocol import DATA_ENV, SITES, WEIGHTS_ENV
 from models.standin import STANDIN
@@ -62,18 +63,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="robust aggregation: scale each site's update down to this L2 norm when longer (default: off)",
     )
     federation.add_argument(
+        "--process-per-round",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each round in a fresh site process, so a site whose process is killed rejoins the next round "
+        "(default: on with --real, off for the micro demo)",
+    )
+    federation.add_argument(
         "--real",
         action="store_true",
         help=f"CineMA-base with pretrained weights at every site (--weights default ${WEIGHTS_ENV}; torch's threads)",
     )
     add_site_arguments(parser)
     actions = parser.add_argument_group("actions")
-    actions.add_argument("--byoc", action="store_true", help="ship our packages in the job's custom/ folder")
+    packaging = actions.add_mutually_exclusive_group()
+    packaging.add_argument("--byoc", action="store_true", help="ship our packages in the job's custom/ folder")
+    packaging.add_argument(
+        "--site-installed",
+        action="store_true",
+        help="the sites' app carries no code and runs the med-duallora each site installed (for sites whose "
+        "authorization keeps custom code to their own staff, jobs/README.md)",
+    )
     actions.add_argument("--out", default=str(DEFAULT_OUT), help="export: the folder receiving <job name>/")
     actions.add_argument("--workspace", default=None, help="simulate / poc: workspace (default runs/<action>)")
     actions.add_argument("--simulator-threads", type=int, default=2, help="simulate: sites running at once")
     actions.add_argument("--startup-kit", default=None, help="submit: the admin startup kit folder")
-    actions.add_argument("--username", default="admin@nvidia.com", help="submit: the admin identity of the kit")
+    actions.add_argument(
+        "--username", default=None, help="submit: the admin identity of the kit (default: the kit folder's name)"
+    )
     return parser.parse_args(argv)
 
 
@@ -90,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         "clip_update_norm": args.clip_update_norm,
         "round_timeout_s": args.round_timeout_s,
         "straggler_wait_s": args.straggler_wait_s,
+        "process_per_round": args.real if args.process_per_round is None else args.process_per_round,
     }
     if args.real:
         weights = args.weights if args.weights != STANDIN else f"${WEIGHTS_ENV}"
@@ -98,10 +116,10 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
     return FederationConfig(site=site_config_from_arguments(args), **federation)
 
 
-def simulate(config: FederationConfig, workspace: str, threads: int, byoc: bool) -> int:
+def simulate(config: FederationConfig, workspace: str, threads: int, export_options: dict[str, bool]) -> int:
     """Export to `<workspace>/jobs/`, run `nvflare simulator` in `<workspace>/ws/`, judge it by its artifacts."""
     root = Path(workspace).resolve()
-    job_dir = export_job(config, root / "jobs", byoc=byoc)
+    job_dir = export_job(config, root / "jobs", **export_options)
     print(f"simulating {job_dir} in {root / 'ws'} ...", flush=True)
     run = run_simulator(job_dir, root / "ws", config.sites, threads, log_file=root / "simulator.log", progress=_say)
     problems = run.problems()
@@ -115,41 +133,40 @@ def _say(line: str) -> None:
     print(f"  {line}", flush=True)
 
 
-def poc(config: FederationConfig, workspace: str, byoc: bool) -> int:
+def poc(config: FederationConfig, workspace: str, export_options: dict[str, bool]) -> int:
     """Export to `<workspace>/jobs/` and run the job on a fresh loopback POC network in `<workspace>/network/`."""
     data_root = os.environ.get(DATA_ENV)
     if not data_root:
         raise SystemExit(f"poc needs {DATA_ENV}: the prepared data root the POC sites read")
-    job_dir = export_job(config, Path(workspace).resolve() / "jobs", byoc=byoc)
+    job_dir = export_job(config, Path(workspace).resolve() / "jobs", **export_options)
     result = run_job(job_dir, Path(workspace) / "network", data_root)
     print(json.dumps(result, indent=2))
     return 0 if result["status"] == "FINISHED:COMPLETED" else 1
 
 
-def submit(config: FederationConfig, startup_kit: str, username: str, byoc: bool) -> str:
-    """Submit to a provisioned network through the admin startup kit (NVFlare's ProdEnv / Session API)."""
-    from nvflare.recipe import ProdEnv
-
-    with staged_recipe(config, byoc) as recipe:
-        run = recipe.run(ProdEnv(startup_kit_location=os.path.abspath(startup_kit), username=username))
-    print(f"submitted job {run.get_job_id()}")
-    return run.get_job_id()
+def submit(config: FederationConfig, startup_kit: str, username: str, export_options: dict[str, bool]) -> str:
+    """Export the job and submit the folder to a provisioned network through the admin startup kit."""
+    with tempfile.TemporaryDirectory(prefix="med_duallora_submit.") as out:
+        job_id = submit_folder(export_job(config, out, **export_options), os.path.abspath(startup_kit), username)
+    print(f"submitted job {job_id}")
+    return job_id
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_from_args(args)
+    export_options = {"byoc": args.byoc, "site_installed": args.site_installed}
     if args.action == "export":
-        print(export_job(config, args.out, byoc=args.byoc))
+        print(export_job(config, args.out, **export_options))
         return 0
     workspace = args.workspace or f"runs/{args.action}"
     if args.action == "simulate":
-        return simulate(config, workspace, args.simulator_threads, args.byoc)
+        return simulate(config, workspace, args.simulator_threads, export_options)
     if args.action == "poc":
-        return poc(config, workspace, args.byoc)
+        return poc(config, workspace, export_options)
     if not args.startup_kit:
         raise SystemExit("submit needs --startup-kit: the admin startup kit of the provisioned project")
-    submit(config, args.startup_kit, args.username, args.byoc)
+    submit(config, args.startup_kit, args.username or Path(args.startup_kit).resolve().name, export_options)
     return 0
 
 

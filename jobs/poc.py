@@ -20,16 +20,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-from app.site_config import SITE_CONFIG_FILE, SiteConfig
-from jobs.privacy import install_site_privacy
-from jobs.processes import processes_in, stop_processes_in, wait_until_gone
+from jobs.privacy import install_site_privacy, install_site_security
+from jobs.processes import ListeningSockets, processes_in, stop_processes_in, wait_until_gone
+from jobs.site_installed import is_site_installed, job_site_config
 from models.policy import SharingPolicy
 from models.protocol import DATA_ENV, SITES
 
 PROJECT_NAME = "med_duallora_poc"
 ADMIN = "admin@nvidia.com"
+COORDINATOR = "coordinator"
+"""The server's and the admin's organisation; each site is an organisation of its own, as in production."""
 SERVER_HOST = "127.0.0.1"
+FAILED_TO_RUN = "FINISHED:FAILED_TO_RUN"
+"""The status of a job that no site would deploy (e.g. custom code a site's authorization refuses)."""
 
 
 def free_port() -> int:
@@ -40,10 +45,11 @@ def free_port() -> int:
 
 
 def loopback_project(sites: Sequence[str], port: int) -> dict:
-    """A project.yml whose server is 127.0.0.1 (bound to loopback) on `port`; admin traffic shares the port."""
-    participants = [{"name": SERVER_HOST, "type": "server", "org": "poc", "fed_learn_port": port}]
-    participants += [{"name": site, "type": "client", "org": "poc"} for site in sites]
-    participants.append({"name": ADMIN, "type": "admin", "org": "poc", "role": "project_admin"})
+    """A project.yml whose server is 127.0.0.1 (bound to loopback) on `port`; admin traffic shares the port. The
+    server and the admin belong to the coordinator, each site to its own hospital (as `jobs/production`)."""
+    participants = [{"name": SERVER_HOST, "type": "server", "org": COORDINATOR, "fed_learn_port": port}]
+    participants += [{"name": site, "type": "client", "org": f"hospital_{site}"} for site in sites]
+    participants.append({"name": ADMIN, "type": "admin", "org": COORDINATOR, "role": "project_admin"})
     impl = "nvflare.lighter.impl"
     builders = [
         {"path": f"{impl}.workspace.WorkspaceBuilder", "args": {"template_file": ["master_template.yml"]}},
@@ -60,6 +66,23 @@ def loopback_project(sites: Sequence[str], port: int) -> dict:
     }
 
 
+class JobFailed(RuntimeError):
+    """`nvflare job wait` saw the job end in a failed state (`status`)."""
+
+    def __init__(self, status: str):
+        super().__init__(f"the job ended {status}")
+        self.status = status
+
+
+def submit_folder(job_dir: str | Path, startup_kit: str | Path, username: str) -> str:
+    """Submit an exported job folder through an admin startup kit (NVFlare's Flare API session); the job id."""
+    session = new_secure_session(username, str(startup_kit))
+    try:
+        return session.submit_job(str(Path(job_dir).resolve()))
+    finally:
+        session.close()
+
+
 class PocNetwork:
     """A POC network in `workspace`, used as a context manager that always stops what it started."""
 
@@ -70,10 +93,18 @@ class PocNetwork:
         port: int | None = None,
         env: dict[str, str] | None = None,
         site_policy: SharingPolicy | None = None,
+        site_authorization: bool = False,
     ):
         """`site_policy`: when given, each site gets its own privacy scope (jobs.privacy) allowing at most what
-        this policy shares, applied to every job whatever the job's own filters."""
+        this policy shares, applied to every job whatever the job's own filters. `site_authorization`: each site
+        also keeps custom code and shell commands to its own staff (jobs.privacy.install_site_security), so that
+        only site-installed jobs run there."""
+        if site_authorization and site_policy is None:
+            raise ValueError("site_authorization needs the site_policy of the privacy scope installed with it")
         self.site_policy = site_policy
+        self.site_authorization = site_authorization
+        self.listening: set[tuple[str, int]] = set()
+        self._sockets: ListeningSockets | None = None
         self.workspace = Path(workspace).resolve()
         self.sites = list(sites)
         self.port = port or free_port()
@@ -89,9 +120,11 @@ class PocNetwork:
         project_file = self.workspace / "project.yml"
         project_file.write_text(yaml.safe_dump(loopback_project(self.sites, self.port), sort_keys=False))
         self._nvflare("poc", "prepare", "-i", str(project_file), "--force")
+        install = install_site_security if self.site_authorization else install_site_privacy
         if self.site_policy is not None:
             for site in self.sites:
-                install_site_privacy(self.prod_dir / site / "local", self.site_policy)
+                install(self.prod_dir / site / "local", self.site_policy)
+        self._sockets = ListeningSockets(self.poc_dir)
         try:
             self._nvflare("poc", "start", timeout=300)
         except BaseException:
@@ -103,28 +136,61 @@ class PocNetwork:
         self.stop()
 
     def submit(self, job_dir: str | Path) -> str:
-        return self._json("job", "submit", "-j", str(Path(job_dir).resolve()))["job_id"]
+        """Submit as the admin, the way `jobs/job.py submit` does on a provisioned network; the job id."""
+        return submit_folder(job_dir, self.prod_dir / ADMIN, ADMIN)
 
     def wait(self, job_id: str, timeout: int) -> str:
-        """The job's final status (`FINISHED:COMPLETED` when it ran through)."""
-        return self._json("job", "wait", job_id, "--timeout", str(timeout), timeout=timeout + 60)["status"]
+        """The job's final status (`FINISHED:COMPLETED` when it ran through, FAILED_TO_RUN when no site would
+        deploy it)."""
+        try:
+            return self._json("job", "wait", job_id, "--timeout", str(timeout), timeout=timeout + 60)["status"]
+        except JobFailed as failed:
+            return failed.status
 
     def download(self, job_id: str) -> Path:
         """The server's run folder of the job, downloaded to `<workspace>/results/<job_id>/workspace`."""
         path = self._json("job", "download", job_id, "-o", str(self.workspace / "results"))["path"]
         return Path(path) / "workspace"
 
+    def run(self, job_dir: str | Path, timeout: int) -> dict:
+        """Submit, wait, download: the job's id, final status, server folder (None when the job never started), site
+        run folders and the port."""
+        return self.follow(self.submit(job_dir), timeout)
+
+    def follow(self, job_id: str, timeout: int) -> dict:
+        """Wait for a submitted job and download its results (`run`'s record)."""
+        status = self.wait(job_id, timeout)
+        server_dir = None if status == FAILED_TO_RUN else str(self.download(job_id))
+        sites = {site: str(self.site_run_dir(site, job_id)) for site in self.sites}
+        return {"job_id": job_id, "status": status, "server": server_dir, "sites": sites, "port": self.port}
+
+    def server_log(self) -> str:
+        """The server's own log (deployment failures land here, not in a job's folder)."""
+        return (self.prod_dir / SERVER_HOST / "log.txt").read_text(encoding="utf-8", errors="replace")
+
     def site_run_dir(self, site: str, job_id: str) -> Path:
         return self.prod_dir / site / job_id
 
+    def shell_cat(self, target: str, file: str) -> str:
+        """`cat` of a file in `target`'s workspace as the admin (an NVFlare shell command, subject to the
+        target's authorization); NVFlare's reply text."""
+        session = new_secure_session(ADMIN, str(self.prod_dir / ADMIN))
+        try:
+            return session.cat_target(target, file=file)
+        finally:
+            session.close()
+
     def stop(self) -> None:
-        """Ask the network to shut down, then end every process still running from this workspace."""
+        """Ask the network to shut down, then end every process still running from this workspace; what listened
+        while it ran is left in `listening`."""
         try:
             self._nvflare("poc", "stop", timeout=120)
         except (subprocess.SubprocessError, OSError) as error:
             print(f"poc stop failed ({error}); ending the processes directly", file=sys.stderr)
         wait_until_gone(self.poc_dir, timeout_seconds=30)
         stop_processes_in(self.poc_dir)
+        if self._sockets is not None:
+            self.listening = self._sockets.stop()
 
     def running_pids(self) -> list[int]:
         """Processes whose command line names this POC workspace (start scripts, server, clients, jobs)."""
@@ -135,6 +201,9 @@ class PocNetwork:
         done = subprocess.run(
             command, env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
         )
+        reply = done.stdout.strip().splitlines()[-1:] if "--format" in args else []
+        if done.returncode != 0 and reply and '"JOB_FAILED"' in reply[0]:
+            raise JobFailed(json.loads(reply[0]).get("data", {}).get("status", "FAILED"))
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         return done.stdout
@@ -147,35 +216,20 @@ class PocNetwork:
         return reply["data"]
 
 
-def run_jobs(
-    job_dirs: Sequence[str | Path],
+def run_job(
+    job_dir: str | Path,
     workspace: str | Path,
     data_root: str,
     timeout: int = 900,
     port: int | None = None,
-    site_policy: SharingPolicy | None = None,
-) -> list[dict]:
-    """Run jobs one after the other on one fresh loopback POC network, each site in its own privacy scope
-    (`site_policy`, default: the first job's policy); per job, its id, status and result folders."""
-    if site_policy is None:
-        site_policy = SiteConfig.read(Path(job_dirs[0]) / "app" / "custom" / SITE_CONFIG_FILE).policy
+) -> dict:
+    """Run one job on a fresh loopback POC network whose sites carry the privacy scope of the job's policy and, for
+    a site-installed job, are locked down as production sites would be (`PocNetwork(site_authorization=True)`);
+    `PocNetwork.run`'s record."""
     env = {DATA_ENV: str(Path(data_root).resolve())}
-    results = []
-    with PocNetwork(workspace, port=port, env=env, site_policy=site_policy) as network:
-        for job_dir in job_dirs:
-            job_id = network.submit(job_dir)
-            status = network.wait(job_id, timeout)
-            server_dir = network.download(job_id)
-            sites = {site: str(network.site_run_dir(site, job_id)) for site in network.sites}
-            results.append(
-                {"job_id": job_id, "status": status, "server": str(server_dir), "sites": sites, "port": network.port}
-            )
-    return results
-
-
-def run_job(job_dir: str | Path, workspace: str | Path, data_root: str, timeout: int = 900, port=None) -> dict:
-    """Run one job on a fresh loopback POC network (`run_jobs`)."""
-    return run_jobs([job_dir], workspace, data_root, timeout, port)[0]
+    policy, locked_down = job_site_config(job_dir).policy, is_site_installed(job_dir)
+    with PocNetwork(workspace, port=port, env=env, site_policy=policy, site_authorization=locked_down) as network:
+        return network.run(job_dir, timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -39,3 +40,38 @@ def wait_until_gone(folder: str | Path, timeout_seconds: float) -> None:
     deadline = time.monotonic() + timeout_seconds
     while processes_in(folder) and time.monotonic() < deadline:
         time.sleep(1)
+
+
+def listening_sockets(folder: str | Path) -> set[tuple[str, int]]:
+    """The (address, port) of every TCP socket listening in a process working in `folder`."""
+    pids = {process.pid for process in processes_in(folder)}
+    with contextlib.suppress(psutil.Error):
+        return {
+            (connection.laddr.ip, connection.laddr.port)
+            for connection in psutil.net_connections(kind="tcp")
+            if connection.status == psutil.CONN_LISTEN and connection.pid in pids
+        }
+    return set()
+
+
+class ListeningSockets:
+    """Every listening socket the processes working in a folder open, sampled in the background until `stop`."""
+
+    def __init__(self, folder: str | Path, interval_seconds: float = 1.0):
+        self.folder = folder
+        self.interval_seconds = interval_seconds
+        self.seen: set[tuple[str, int]] = set()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stopped.is_set():
+            self.seen |= listening_sockets(self.folder)
+            self._stopped.wait(self.interval_seconds)
+
+    def stop(self) -> set[tuple[str, int]]:
+        """Stop sampling; what was seen."""
+        self._stopped.set()
+        self._thread.join()
+        return self.seen

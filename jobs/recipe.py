@@ -24,6 +24,7 @@ from custom.aggregators import DEFAULT_MAX_SAMPLES_PER_SITE, SharedKeyAggregator
 from custom.comm import PayloadMeter
 from custom.filters import SharedKeysOnly
 from jobs.flare_private import PolicyFedAvgRecipe, ship_packages
+from jobs.site_installed import make_site_installed
 from models.atomic_io import torch_save_atomic, write_text_atomic
 from models.policy import SharingPolicy
 from models.protocol import SITES, WEIGHTS_ENV
@@ -68,6 +69,10 @@ class FederationConfig:
     cannot stall the federation for longer."""
     straggler_wait_s: int = 600
     """Once `min_clients` sites answered, how long a round still waits for the others."""
+    process_per_round: bool = False
+    """Each task runs in a fresh site process (NVFlare's external process, launched per task): a site whose
+    process dies (the OOM killer, a SIGKILL) misses that round only and rejoins the next with its saved local
+    state. Costs one interpreter start-up per round; `python3` on the site's PATH must have med-duallora."""
 
     @classmethod
     def for_method(
@@ -85,6 +90,7 @@ class FederationConfig:
         clip_update_norm: float | None = None,
         round_timeout_s: int = 3600,
         straggler_wait_s: int = 600,
+        process_per_round: bool = False,
         **site_settings: Any,
     ) -> FederationConfig:
         """The run of `method`; `site_settings` are SiteConfig fields (local_epochs, weights, adapter, ...)."""
@@ -100,6 +106,7 @@ class FederationConfig:
             clip_update_norm=clip_update_norm,
             round_timeout_s=round_timeout_s,
             straggler_wait_s=straggler_wait_s,
+            process_per_round=process_per_round,
         )
 
     @property
@@ -137,7 +144,9 @@ def real_site_settings(
 def real_config(
     weights: str = f"${WEIGHTS_ENV}", cinema_config: str | None = None, **changes: Any
 ) -> FederationConfig:
-    """The CineMA configuration (`real_site_settings`) of a run; `changes` are FederationConfig.for_method's."""
+    """The CineMA configuration (`real_site_settings`, each round in a fresh site process) of a run; `changes` are
+    FederationConfig.for_method's."""
+    changes.setdefault("process_per_round", True)
     return FederationConfig.for_method(**real_site_settings(weights, cinema_config), **changes)
 
 
@@ -195,6 +204,8 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
         num_rounds=config.rounds,
         train_script=train_script,
         train_args=f"--config {SITE_CONFIG_FILE}",
+        launch_external_process=config.process_per_round,
+        launch_once=not config.process_per_round,
         aggregator=SharedKeyAggregator(
             policy,
             min_updates=config.min_clients,
@@ -248,9 +259,19 @@ def staged_recipe(
 
 
 def export_job(
-    config: FederationConfig, out_dir: str | Path, byoc: bool = False, train_script: str | None = None
+    config: FederationConfig,
+    out_dir: str | Path,
+    byoc: bool = False,
+    train_script: str | None = None,
+    site_installed: bool = False,
 ) -> Path:
-    """Write `<out_dir>/<job name>/`, replacing any earlier export atomically; returns its path."""
+    """Write `<out_dir>/<job name>/`, replacing any earlier export atomically; returns its path.
+
+    `site_installed`: the sites' app carries no code and runs the med-duallora each site installed
+    (jobs.site_installed), for sites that allow custom code only from their own staff.
+    """
+    if site_installed and (byoc or train_script):
+        raise ValueError("a site-installed job ships no code: it cannot take --byoc or a training script")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{config.job_name}.", dir=out_dir))
@@ -259,6 +280,8 @@ def export_job(
             recipe.export(str(staging))
         for path in (staging / config.job_name).glob("*/config/*.json"):
             _sort_task_lists(path)
+        if site_installed:
+            make_site_installed(staging / config.job_name, config.sites, config.process_per_round, CLIENT_SCRIPT)
         target = out_dir / config.job_name
         retired = staging / "retired"
         if target.exists():

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from data_prep.prepare import run_prepare
 from data_prep.preprocess import Geometry
 from data_prep.synthesize import synthesize
-from jobs.simulate import SimulatorRun, run_simulator
+from jobs.processes import processes_in
+from jobs.simulate import SimulatorRun, nvflare_executable, run_simulator
 from models.protocol import DATA_ENV, SITES, STATE_ENV
 
 SUBJECTS_PER_VENDOR = 6
@@ -130,12 +137,44 @@ def cinema_examples(tmp_path: Path) -> Path:
     return root
 
 
+def _site_env(prepared_root: Path, state_root: Path) -> dict[str, str]:
+    return {DATA_ENV: str(prepared_root), STATE_ENV: str(state_root)}
+
+
 @pytest.fixture(scope="session")
 def simulate_sites(prepared_root: Path) -> Callable[..., SimulatorRun]:
     """Runs a job folder in the real NVFlare simulator: four vendor sites as 4 threads over `prepared_root`."""
 
     def run(job_dir: Path, root: Path, state_root: Path | None = None) -> SimulatorRun:
-        env = {DATA_ENV: str(prepared_root), STATE_ENV: str(state_root or root / "site_state")}
+        env = _site_env(prepared_root, state_root or root / "site_state")
         return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def simulate_until_killed(prepared_root: Path) -> Callable[..., Path]:
+    """Starts the simulator as `simulate_sites` does and SIGKILLs all of it (server and sites share its process
+    tree) the moment `kill_now(workspace)` holds; returns the workspace. Fails when the run ends first."""
+
+    def run(job_dir: Path, root: Path, state_root: Path, kill_now: Callable[[Path], bool]) -> Path:
+        workspace = root / "ws"
+        command = [nvflare_executable(), "simulator", str(job_dir), "-w", str(workspace), "-c", ",".join(SITES)]
+        env = {**os.environ, **_site_env(prepared_root, state_root)}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        with open(root / "sim.log", "w") as log:
+            simulator = subprocess.Popen([*command, "-t", "4"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 600
+        while not kill_now(workspace):
+            assert simulator.poll() is None, "the run ended before the moment to kill it"
+            assert time.monotonic() < deadline, "the moment to kill the run never came"
+            time.sleep(0.1)
+        tree = [simulator, *processes_in(workspace)]
+        for process in tree:
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                process.send_signal(signal.SIGKILL)
+        simulator.wait()
+        psutil.wait_procs(processes_in(workspace), timeout=30)
+        return workspace
 
     return run

@@ -11,11 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from nvflare.apis.app_validation import AppValidationKey
+from nvflare.apis.fl_exception import UnsafeComponentError
+from nvflare.apis.workspace import Workspace
+from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
+from nvflare.private.fed.app.default_app_validator import DefaultAppValidator
+from nvflare.security.security import FLAuthorizer
 
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from jobs.job import config_from_args, parse_args
-from jobs.privacy import site_privacy_policy
+from jobs.privacy import SITE_INSTALLED_CLASSES, SITE_ONLY, site_authorization, site_privacy_policy
+from jobs.privacy import main as privacy_main
 from jobs.recipe import INITIAL_CHECKPOINT, PACKAGES, REPO, FederationConfig, export_job
+from jobs.site_installed import CLIENT_CONFIG, SITE_APP, SITE_EXECUTOR
 from models.policy import POLICY_NAMES, get_policy
 from models.protocol import SITES
 
@@ -125,6 +134,7 @@ def test_parameters_reach_the_job(tmp_path):
 def test_the_real_configuration_is_cinema_base_with_site_weights(tmp_path):
     config = config_from_args(parse_args(["export", "--real"]))
     assert config.site.backbone == "base" and config.site.weights == "$MED_DUALLORA_WEIGHTS"
+    assert config.process_per_round and not config_from_args(parse_args(["export"])).process_per_round
     job = export_job(config, tmp_path)
     site = SiteConfig.read(job / "app" / "custom" / SITE_CONFIG_FILE)
     assert (site.backbone, site.weights, site.threads) == ("base", "$MED_DUALLORA_WEIGHTS", 0)
@@ -143,6 +153,27 @@ def test_the_production_project_provisions_the_server_four_sites_and_admins(tmp_
     assert "admin@coordinator.example.org" in kits
     servers = [name for name in kits - set(SITES) if "@" not in name]
     assert len(servers) == 1 and (prod / servers[0] / "startup" / "start.sh").is_file()
+    participants = yaml.safe_load(project.read_text())["participants"]
+    admin_orgs = {p["org"] for p in participants if p["type"] == "admin"}
+    site_orgs = [p["org"] for p in participants if p["type"] == "client"]
+    assert len(set(site_orgs)) == len(SITES) and not admin_orgs & set(site_orgs), "a site shares an admin's org"
+    assert privacy_main(["--kit", str(prod / "ge")]) == 0
+    local = prod / "ge" / "local"
+    assert json.loads((local / "authorization.json").read_text()) == site_authorization()
+    resources = json.loads((local / "resources.json").read_text())
+    default = json.loads((local / "resources.json.default").read_text())
+    assert resources["class_allow_list"][: len(default["class_allow_list"])] == default["class_allow_list"]
+    assert set(SITE_INSTALLED_CLASSES) <= set(resources["class_allow_list"])
+    # NVFlare's own check of a job's components at this site: our executor, not the general one, whose command the
+    # job chooses (custom code in disguise).
+    site = Workspace(root_dir=str(prod / "ge"), site_name="ge")
+    assert site.get_resources_file_path() == str(local / "resources.json")
+    authorizer = ComponentPathAuthorizer()
+    for allowed in (SITE_EXECUTOR, "custom.filters.SharedKeysOnly"):
+        authorizer.authorize_component_config({"path": allowed, "args": {}}, workspace=site)
+    general = "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor"
+    with pytest.raises(UnsafeComponentError, match="not in allow_list"):
+        authorizer.authorize_component_config({"path": general, "args": {"command": "bash"}}, workspace=site)
 
 
 @pytest.mark.parametrize(
@@ -186,3 +217,45 @@ def test_the_committed_site_privacy_scope_is_the_med_duallora_allowlist():
     """`jobs/production/privacy.json` is what each hospital copies into its startup kit's `local/` folder."""
     committed = json.loads((REPO / "jobs" / "production" / "privacy.json").read_text())
     assert committed == site_privacy_policy(get_policy("med_duallora")), "regenerate it with jobs.privacy"
+
+
+@pytest.mark.parametrize("process_per_round", [False, True])
+def test_a_site_installed_job_ships_no_code_to_the_sites(fresh_export, tmp_path, process_per_round):
+    """NVFlare's own validator finds no custom code in the sites' app (the server's keeps its checkpoint), and the
+    sites run the installed `app.client` with the same configuration and result filter as the shipped job."""
+    config = FederationConfig.for_method(process_per_round=process_per_round)
+    job = export_job(config, tmp_path, site_installed=True)
+    files = _files(job)
+    assert sorted(name for name in files if not name.startswith("app_server/config/")) == [
+        "app_server/custom/ckpt/init_global_adapters.pt",
+        f"{SITE_APP}/config/{CLIENT_CONFIG}",
+        f"{SITE_APP}/config/{SITE_CONFIG_FILE}",
+        "meta.json",
+    ]
+    assert json.loads(files["meta.json"])["deploy_map"] == {"app_server": ["server"], SITE_APP: list(SITES)}
+    assert DefaultAppValidator("client").validate(str(job / SITE_APP)) == ("", {})
+    assert DefaultAppValidator("server").validate(str(job / "app_server"))[1] == {AppValidationKey.BYOC: True}
+    client = json.loads(files[f"{SITE_APP}/config/{CLIENT_CONFIG}"])
+    arguments = client["executors"][0]["executor"]["args"]
+    assert client["executors"][0]["executor"]["path"] == SITE_EXECUTOR
+    assert arguments == {"launch_once": not process_per_round}
+    shipped_client, _ = _configs(fresh_export)
+    assert client["task_result_filters"] == shipped_client["task_result_filters"]
+    installed_site = SiteConfig.read(job / SITE_APP / "config" / SITE_CONFIG_FILE)
+    assert installed_site == SiteConfig.read(fresh_export / "app" / "custom" / SITE_CONFIG_FILE)
+
+
+def test_a_site_installed_job_cannot_ship_code(tmp_path):
+    with pytest.raises(ValueError, match="ships no code"):
+        export_job(FederationConfig.for_method(), tmp_path, byoc=True, site_installed=True)
+
+
+def test_the_committed_site_authorization_keeps_code_and_shell_to_the_site():
+    """`jobs/production/authorization.json` (each hospital's `local/authorization.json`): no role outside the site's
+    organisation may run custom code or shell commands there; NVFlare parses it."""
+    committed = json.loads((REPO / "jobs" / "production" / "authorization.json").read_text())
+    assert committed == site_authorization(), "regenerate it with jobs.privacy"
+    FLAuthorizer("hospital_ge", committed)
+    for role, rights in committed["permissions"].items():
+        for right in ("byoc", "shell_commands"):
+            assert rights.get(right, "none") in ("none", SITE_ONLY), (role, right)

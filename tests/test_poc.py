@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -9,43 +11,72 @@ import pytest
 import torch
 
 from custom.site_state import SiteState
-from jobs.poc import PocNetwork, run_jobs
-from jobs.privacy import site_privacy_policy
+from jobs.job import config_from_args, parse_args
+from jobs.job import main as job_main
+from jobs.poc import ADMIN, FAILED_TO_RUN, PocNetwork
+from jobs.privacy import site_authorization, site_privacy_policy
 from jobs.recipe import FederationConfig, export_job
-from models.protocol import SITES
+from jobs.site_installed import CLIENT_CONFIG, SITE_APP
+from models.protocol import DATA_ENV, SITES
 
 pytestmark = pytest.mark.slow
 
 CONFIG = FederationConfig.for_method(rounds=2, local_epochs=1)
+SITE_INSTALLED_JOB = ["--site-installed", "--rounds", "2", "--local-epochs", "1"]
+"""`CONFIG`, as `jobs/job.py submit` options."""
+SITE_FILE = "local/privacy.json"
+
+
+def _shell_cat(network: PocNetwork, target: str, file: str) -> str:
+    try:
+        return network.shell_cat(target, file)
+    except Exception as error:  # the API raises on some refusals and returns text on others: both are answers
+        return f"{type(error).__name__}: {error}"
 
 
 @pytest.fixture(scope="module")
-def poc_results(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
-    """Two jobs on one POC network whose sites carry their own privacy scope: the normal job, and the same job with
-    its result filter taken out of the client config (what a careless or hostile coordinator could submit)."""
+def poc_results(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One POC network whose sites carry their own privacy scope and authorization (custom code and shell commands
+    for their own staff only). Three jobs: the site-installed job; the same job with its result filter taken out
+    of the client config (what a careless or hostile coordinator could submit); the job carrying custom code.
+    Then the coordinator's admin tries `cat` at a site and at the server."""
     root = tmp_path_factory.mktemp("poc")
-    job_dir = export_job(CONFIG, root / "jobs")
-    unfiltered = export_job(CONFIG.replace(rounds=1, name="unfiltered"), root / "unfiltered")
-    client_config = unfiltered / "app" / "config" / "config_fed_client.json"
+    unfiltered = export_job(CONFIG.replace(rounds=1, name="unfiltered"), root / "unfiltered", site_installed=True)
+    client_config = unfiltered / SITE_APP / "config" / CLIENT_CONFIG
     config = json.loads(client_config.read_text())
     config["task_result_filters"] = []
     client_config.write_text(json.dumps(config, indent=4))
-    results = run_jobs([job_dir, unfiltered], root / "ws", str(prepared_root), timeout=600, site_policy=CONFIG.policy)
-    return results, root / "ws"
+    with_code = export_job(CONFIG.replace(rounds=1, name="with_code"), root / "with_code")
+    env = {DATA_ENV: str(prepared_root)}
+    network = PocNetwork(root / "ws", env=env, site_policy=CONFIG.policy, site_authorization=True)
+    with network:
+        submitted = io.StringIO()
+        with contextlib.redirect_stdout(submitted):  # the command users run; it prints the job id
+            assert job_main(["submit", *SITE_INSTALLED_JOB, "--startup-kit", str(network.prod_dir / ADMIN)]) == 0
+        results = {"installed": network.follow(submitted.getvalue().split()[-1], timeout=600)}
+        results["unfiltered"] = network.run(unfiltered, timeout=600)
+        results["with_code"] = network.run(with_code, timeout=300)
+        results["server_log"] = network.server_log()
+        results["shell"] = {target: _shell_cat(network, target, SITE_FILE) for target in ("ge", "server")}
+    results["listening"] = network.listening
+    results["workspace"] = root / "ws"
+    return results
 
 
 @pytest.fixture(scope="module")
 def poc_result(poc_results) -> tuple[dict, Path]:
-    results, workspace = poc_results
-    return results[0], workspace
+    return poc_results["installed"], poc_results["workspace"]
+
+
+def test_the_submitted_options_are_the_tested_configuration():
+    assert config_from_args(parse_args(["submit", *SITE_INSTALLED_JOB])) == CONFIG
 
 
 def test_a_site_scope_keeps_local_keys_home_when_the_job_has_no_filter(poc_results):
     """The site's own privacy scope (local/privacy.json) filters every result: the server still receives no local
     key, accepts the updates, and the run completes (without the scope, test_privacy.py shows every update
     rejected and the run failing)."""
-    results, workspace = poc_results
-    unfiltered = results[1]
+    unfiltered, workspace = poc_results["unfiltered"], poc_results["workspace"]
     assert unfiltered["status"] == "FINISHED:COMPLETED"
     server = Path(unfiltered["server"])
     received = [json.loads(line) for line in (server / "received_keys.jsonl").read_text().splitlines()]
@@ -54,10 +85,31 @@ def test_a_site_scope_keeps_local_keys_home_when_the_job_has_no_filter(poc_resul
         assert record["rejected"] == "" and record["not_shared"] == [], record["site"]
         assert not any(".local." in key for key in record["keys"]), record["site"]
     for site in SITES:
-        scope = json.loads(
-            (workspace / "poc" / "med_duallora_poc" / "prod_00" / site / "local" / "privacy.json").read_text()
-        )
+        scope = json.loads((workspace / "poc" / "med_duallora_poc" / "prod_00" / site / SITE_FILE).read_text())
         assert scope == site_privacy_policy(CONFIG.policy)
+
+
+def test_a_job_with_custom_code_from_the_coordinator_does_not_run_at_the_sites(poc_results):
+    """The sites' authorization.json keeps custom code (BYOC) to their own staff: the coordinator's admin can run
+    the site-installed job, not one that ships code."""
+    refused = poc_results["with_code"]
+    assert refused["status"] == FAILED_TO_RUN
+    deployment = next(
+        line
+        for line in poc_results["server_log"].splitlines()
+        if refused["job_id"] in line and "deploy failure" in line
+    )
+    assert "'server: OK'" in deployment
+    for site, run_dir in refused["sites"].items():
+        assert f"'{site}: NVFLARE_ERROR: BYOC not permitted'" in deployment, site
+        assert not Path(run_dir).exists(), site
+
+
+def test_shell_commands_at_a_site_are_for_its_own_staff(poc_results):
+    """The coordinator's admin reads a file on the server (its own organisation) but not at a site."""
+    shell = poc_results["shell"]
+    assert "default_scope" not in shell["ge"] and "not authorized" in shell["ge"].lower(), shell["ge"]
+    assert "not authorized" not in shell["server"].lower(), shell["server"]
 
 
 def test_the_job_completes_and_results_come_back(poc_result):
@@ -77,11 +129,14 @@ def test_the_job_completes_and_results_come_back(poc_result):
         assert SiteState(str(state_dir)).saved_rounds() == list(range(CONFIG.rounds))
 
 
-def test_the_network_was_loopback_only_and_sandboxed(poc_result):
-    result, workspace = poc_result
-    network = PocNetwork(workspace, port=result["port"])
-    server_config = json.loads((network.prod_dir / "127.0.0.1" / "startup" / "fed_server.json").read_text())
-    assert server_config["servers"][0]["service"]["target"] == f"127.0.0.1:{result['port']}"
+def test_the_network_was_loopback_only_and_sandboxed(poc_results):
+    """What listened while the jobs ran (sampled with psutil), not what the config says: loopback only, and the
+    server on its provisioned non-default port."""
+    result, workspace = poc_results["installed"], poc_results["workspace"]
+    listening = poc_results["listening"]
+    assert listening, "no listening socket was seen"
+    assert {address for address, _ in listening} == {"127.0.0.1"}, listening
+    assert result["port"] in {port for _, port in listening}
     assert result["port"] not in (8002, 8003)
     assert (workspace / "home" / ".nvflare" / "config.conf").is_file()
 
@@ -89,3 +144,12 @@ def test_the_network_was_loopback_only_and_sandboxed(poc_result):
 def test_every_process_it_started_is_gone(poc_result):
     result, workspace = poc_result
     assert PocNetwork(workspace, port=result["port"]).running_pids() == []
+
+
+def test_the_poc_command_runs_a_site_installed_job_on_locked_down_sites(prepared_root, tmp_path, monkeypatch):
+    """`python jobs/job.py poc --site-installed`, the command users run, on a network of its own."""
+    monkeypatch.setenv(DATA_ENV, str(prepared_root))
+    command = ["poc", "--site-installed", "--rounds", "1", "--local-epochs", "1", "--workspace", str(tmp_path)]
+    assert job_main(command) == 0
+    local = tmp_path / "network" / "poc" / "med_duallora_poc" / "prod_00" / "ge" / "local"
+    assert json.loads((local / "authorization.json").read_text()) == site_authorization()

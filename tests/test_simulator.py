@@ -1,6 +1,6 @@
 """Real NVFlare simulator runs of the med_duallora job (micro ConvViT, four sites), judged by their artifacts.
 
-Two rounds in one go, and the same two rounds with the server restarted in between from its persisted global model.
+Two rounds in one go, and the same two rounds SIGKILLed in the middle of round 1, then resumed at round 1.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from tensorboard.backend.event_processing.event_multiplexer import EventMultiple
 
 from custom.site_state import SiteState, site_state_dir
 from jobs.recipe import INITIAL_CHECKPOINT, FederationConfig, export_job, initial_global_state
-from jobs.simulate import SimulatorRun
-from models.protocol import SITES
+from jobs.simulate import SIMULATOR_JOB, SimulatorRun
+from models.protocol import GLOBAL_MODEL_FILE, SITES, STATE_FILE_PATTERN
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +31,35 @@ def finished_run(simulate_sites, tmp_path_factory: pytest.TempPathFactory) -> tu
     return simulate_sites(export_job(CONFIG, root / "jobs"), root), root / "site_state"
 
 
+def _mid_round_one(state_root: Path) -> Callable[[Path], bool]:
+    """True once round 1 runs and a site has already saved its round-1 state, before the server aggregates it."""
+
+    def now(workspace: Path) -> bool:
+        server_log = workspace / "server" / "log.txt"
+        states = state_root.glob(f"{CONFIG.job_name}/*/{STATE_FILE_PATTERN.format(1)}")
+        return server_log.is_file() and ROUND_ONE_STARTED in server_log.read_text() and any(states)
+
+    return now
+
+
+ROUND_ONE_STARTED = "Round 1 started."
+
+
 @pytest.fixture(scope="module")
-def restarted_run(simulate_sites, tmp_path_factory: pytest.TempPathFactory):
-    """Round 0 in a first run; then a new server starts from that run's persisted global model for round 1."""
+def restarted_run(simulate_sites, simulate_until_killed, tmp_path_factory: pytest.TempPathFactory):
+    """The two-round run SIGKILLed in the middle of round 1 (server and sites), after a site saved its round-1
+    state; then the operator resumes at round 1 from the persisted global model of round 0."""
     root = tmp_path_factory.mktemp("restart")
     state_root = root / "site_state"
-    first = simulate_sites(export_job(CONFIG.replace(rounds=1), root / "first" / "jobs"), root / "first", state_root)
-    saved = {site: SiteState(site_state_dir(CONFIG.job_name, site, str(state_root))).load() for site in SITES}
-    resumed = CONFIG.replace(rounds=1, start_round=1, resume_from=str(first.global_model_path))
+    (root / "first").mkdir()
+    job = export_job(CONFIG, root / "first" / "jobs")
+    killed = simulate_until_killed(job, root / "first", state_root, _mid_round_one(state_root))
+    killed_global = killed / "server" / SIMULATOR_JOB / "app_server" / GLOBAL_MODEL_FILE
+    saved = {site: SiteState(site_state_dir(CONFIG.job_name, site, str(state_root))).saved_rounds() for site in SITES}
+    persisted = dict(torch.load(killed_global, weights_only=True)["model"])
+    resumed = CONFIG.replace(rounds=1, start_round=1, resume_from=str(killed_global))
     second = simulate_sites(export_job(resumed, root / "second" / "jobs"), root / "second", state_root)
-    return first, saved, second, state_root
+    return (killed / "server" / "log.txt").read_text(), persisted, saved, second, state_root
 
 
 def test_the_run_completed(finished_run):
@@ -121,23 +141,27 @@ def test_tensorboard_has_one_byte_curve_per_site_and_no_curve_about_too_few_subj
         assert "validation subjects; no curve sent" in run.log(site)
 
 
-def test_a_restarted_server_resumes_and_loses_nothing(finished_run, restarted_run):
-    """Global and local adapters both survive: the interrupted run ends exactly where the uninterrupted one does."""
+def test_a_server_killed_mid_round_resumes_and_loses_nothing(finished_run, restarted_run):
+    """Global and local adapters both survive a SIGKILL in the middle of a round: resumed at that round, the run
+    ends exactly where the uninterrupted one does, key by key (global model, every site's local state, scores)."""
     uninterrupted, uninterrupted_state = finished_run
-    first, saved, second, state_root = restarted_run
-    assert first.problems() == [] and second.problems() == []
+    server_log, persisted, saved, second, state_root = restarted_run
+    assert "round 0: aggregated" in server_log and "round 1: aggregated" not in server_log, "not killed mid-round"
+    assert any(1 in rounds for rounds in saved.values()), "no site had saved round 1 before the kill"
+    assert all(0 in rounds for rounds in saved.values())
+    assert second.problems() == []
     shipped = torch.load(second.server_dir / "app_server" / "custom" / INITIAL_CHECKPOINT, weights_only=True)
-    first_global = first.global_model()
-    assert shipped.keys() == first_global.keys()
-    assert all(torch.equal(shipped[key], first_global[key]) for key in shipped), "the global adapter was lost"
+    assert shipped.keys() == persisted.keys()
+    assert all(torch.equal(shipped[key], persisted[key]) for key in shipped), "the global adapter was lost"
     assert "Round 1 started." in second.log() and "Round 0 started." not in second.log()
     reference = uninterrupted.global_model()
+    assert second.global_model().keys() == reference.keys()
     assert all(torch.equal(second.global_model()[key], reference[key]) for key in reference)
     for site in SITES:
-        assert saved[site] is not None and saved[site][1] == 0
         assert "resuming from the private state saved at round 0" in second.log(site)
         resumed_state, _ = SiteState(site_state_dir(CONFIG.job_name, site, str(state_root))).load()
         straight_state, _ = SiteState(site_state_dir(CONFIG.job_name, site, str(uninterrupted_state))).load()
+        assert resumed_state.keys() == straight_state.keys()
         assert all(torch.equal(resumed_state[key], straight_state[key]) for key in straight_state), site
         resumed_scores, straight_scores = second.test_metrics(site), uninterrupted.test_metrics(site)
         assert json.dumps(resumed_scores, sort_keys=True) == json.dumps(straight_scores, sort_keys=True)

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from app.client import site_run_dir
 from custom.site_state import SiteState
 
 KEY = "model.base_model.model.encoder.blocks.3.attn.q.lora_B.local.weight"
@@ -57,3 +58,13 @@ def test_an_unreadable_state_names_the_file(state):
         broken.write(b"not a checkpoint")
     with pytest.raises(ValueError, match="private_state_round00000.pt: unreadable site state"):
         state.for_round(1)
+
+
+@pytest.mark.parametrize("working_dir", ["", "job-1/app_ge", "job-1/app_site"])
+def test_the_site_run_folder_is_found_from_either_working_directory(tmp_path, monkeypatch, working_dir):
+    """In the site's job process NVFlare starts the script in the site workspace; in a process of its own (a process
+    per round, a site-installed job) in the job's app folder. Both give `<workspace>/<job id>`."""
+    here = tmp_path / working_dir
+    here.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(here)
+    assert site_run_dir("job-1") == str(tmp_path / "job-1")
