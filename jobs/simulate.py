@@ -164,6 +164,18 @@ def nvflare_executable() -> str:
     return found
 
 
+def simulator_command(
+    job_dir: str | Path, workspace: Path, sites: Sequence[str], threads: int, env: dict[str, str] | None
+) -> tuple[list[str], dict[str, str]]:
+    """`nvflare simulator JOB -w WS -c SITES -t THREADS` and its environment: this one with `env` on top, and this
+    interpreter's environment first on PATH (the sites' processes import our packages from it)."""
+    command = [nvflare_executable(), "simulator", str(job_dir), "-w", str(workspace)]
+    command += ["-c", ",".join(sites), "-t", str(threads)]
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    return command, full_env
+
+
 def run_simulator(
     job_dir: str | Path,
     workspace: str | Path,
@@ -183,10 +195,7 @@ def run_simulator(
     sites' state folder, removed), `attempts` times in all."""
     workspace = Path(workspace).resolve()
     log_path = Path(log_file) if log_file else workspace.with_name(workspace.name + ".log")
-    command = [nvflare_executable(), "simulator", str(job_dir), "-w", str(workspace)]
-    command += ["-c", ",".join(sites), "-t", str(threads)]
-    full_env = {**os.environ, **(env or {})}
-    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    command, full_env = simulator_command(job_dir, workspace, sites, threads, env)
     rounds = _rounds_of(Path(job_dir))
 
     def on_round(latest: int) -> None:

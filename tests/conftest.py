@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from data_prep.prepare import run_prepare
 from data_prep.preprocess import Geometry
 from data_prep.synthesize import synthesize
 from jobs.processes import processes_in
-from jobs.simulate import SimulatorRun, nvflare_executable, run_simulator
+from jobs.simulate import SimulatorRun, run_simulator, simulator_command
 from models.protocol import DATA_ENV, SITES, STATE_ENV
 
 SUBJECTS_PER_VENDOR = 6
@@ -159,11 +158,9 @@ def simulate_until_killed(prepared_root: Path) -> Callable[..., Path]:
 
     def run(job_dir: Path, root: Path, state_root: Path, kill_now: Callable[[Path], bool]) -> Path:
         workspace = root / "ws"
-        command = [nvflare_executable(), "simulator", str(job_dir), "-w", str(workspace), "-c", ",".join(SITES)]
-        env = {**os.environ, **_site_env(prepared_root, state_root)}
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        command, env = simulator_command(job_dir, workspace, SITES, 4, _site_env(prepared_root, state_root))
         with open(root / "sim.log", "w") as log:
-            simulator = subprocess.Popen([*command, "-t", "4"], stdout=log, stderr=subprocess.STDOUT, env=env)
+            simulator = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 600
         while not kill_now(workspace):
             assert simulator.poll() is None, "the run ended before the moment to kill it"
