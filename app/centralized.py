@@ -3,22 +3,30 @@
 Trains the federated clients' LightningModule on the pooled training split of every site (or of the sites named by
 `--data.clients`, e.g. `[ge]` for a local-only baseline) with its class-balanced loss, chooses the decision threshold
 on the pooled validation split (models.metrics, the rule the federated models use), then tests per vendor and pooled
-at that threshold and writes the metrics JSON to `--metrics_out`. Data come from the prepared root `--data.root` or
-`$MED_DUALLORA_DATA`. `app/configs/centralized_standin.yaml` adapts the committed stand-in backbone.
+at that threshold, writes the metrics JSON to `--metrics_out` and exports the model (models.export format: peft
+adapter, heads, threshold, metadata.json, model card) to `--model_out` (default: `model/` beside the metrics).
+A training split too small to train, or an empty validation or test split, stops it before training. Data come
+from the prepared root `--data.root` or `$MED_DUALLORA_DATA`. `app/configs/centralized_standin.yaml` adapts the
+committed stand-in backbone.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from data_prep.datamodule import VendorDataModule
+from data_prep.report import read_prepared
 from models.atomic_io import write_json_atomic
+from models.dual_lora import backbone_of
+from models.export import backbone_record, input_contract, write_model
 from models.lit import DualLoRAClassifier
 from models.metrics import mean_over_sites, weighted_mean_over_sites
+from models.standin import resolve_backbone
 
 DEFAULT_METRICS_OUT = "runs/centralized/metrics.json"
 
@@ -28,6 +36,9 @@ class CentralizedCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--metrics_out", type=str, default=DEFAULT_METRICS_OUT, help="metrics JSON to write")
+        parser.add_argument(
+            "--model_out", type=str, default=None, help="exported model folder (default: model/ beside the metrics)"
+        )
         parser.link_arguments("trainer.max_epochs", "model.max_epochs")
 
 
@@ -69,11 +80,8 @@ def run(args: Sequence[str] | None = None) -> dict[str, Any]:
         seed_everything_default=0,
     )
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    for split in ("val", "test"):
-        if not datamodule.rows[split]:
-            raise ValueError(
-                f"no {split} subjects for clients {datamodule.clients} in {datamodule.root / 'manifest.csv'}"
-            )
+    datamodule.require_usable_splits(need_both_classes=module.hparams.class_weights == "inverse_frequency")
+    geometry = read_prepared(datamodule.root)["geometry"]
     trainer.fit(module, datamodule=datamodule)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     threshold = module.choose_thresholds("val")["model"]
@@ -92,8 +100,32 @@ def run(args: Sequence[str] | None = None) -> dict[str, Any]:
         "test": _json_safe(summarize(module.eval_results["test"])),
         "val": _json_safe(summarize(module.eval_results["val"])),
     }
+    model_out = cli.config.model_out or os.path.join(os.path.dirname(cli.config.metrics_out) or ".", "model")
+    contract = input_contract(backbone_of(module.model).config, geometry["spacing_mm"])
+    export_centralized(module, report, contract, model_out)
+    report["model"] = model_out
     write_json_atomic(cli.config.metrics_out, report)
     return report
+
+
+def export_centralized(module: DualLoRAClassifier, report: dict[str, Any], contract: dict[str, Any], out: str) -> None:
+    """Write the trained model and its pooled threshold in the format of the federated models (models.export)."""
+    weights, _ = resolve_backbone(module.hparams.weights, module.hparams.cinema_config)
+    metadata = {
+        "kind": "centralized",
+        "site": None,
+        "trained_on": report["trained_on"],
+        "round": None,
+        "input_contract": contract,
+        "backbone_weights": backbone_record(module.hparams.weights, weights),
+        "threshold_source": report["threshold_source"],
+        "metrics": {"validation": report["val"]["pooled"], "test": report["test"]["pooled"]},
+        "per_client_test": report["test"]["clients"],
+    }
+    write_model(
+        out, module.model, module.policy, module.adapter_config, module.policy.adapters, report["threshold"], metadata
+    )
+    print(f"model written to {out}")
 
 
 if __name__ == "__main__":

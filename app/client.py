@@ -10,13 +10,16 @@ After the last round the server sends the final global model twice (`validate` t
   scores per class; the server sums them and picks the pooled threshold of the global model;
 - `test`: the site chooses its personalised model's threshold on its own validation split, takes the pooled one for
   the global model, scores its test split at those thresholds (AUROC is threshold-free) and writes the metrics, the
-  thresholds and per-subject predictions to `test_metrics.json` in its run directory.
-The data come from `$MED_DUALLORA_DATA`, the rows whose `client` is this site.
+  thresholds and per-subject predictions to `test_metrics.json` in its run directory, and exports its personalised
+  model (both adapters in peft format, heads, threshold, metadata.json, model card) to `personalised_model/` there.
+The data come from `$MED_DUALLORA_DATA`, the rows whose `client` is this site. After each training epoch the site
+prints a PROGRESS_MARK line and streams the epoch's training loss to the server's tracking.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
 import sys
@@ -36,10 +39,13 @@ from nvflare.client.tracking import SummaryWriter
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from custom.site_state import SiteState, site_state_dir, state_digest
 from data_prep.datamodule import VendorDataModule
+from data_prep.report import read_prepared
 from models.atomic_io import write_json_atomic
+from models.dual_lora import backbone_of
+from models.export import backbone_record, input_contract, write_model
 from models.lit import QUIET_TRAINER_KWARGS, DualLoRAClassifier
 from models.metrics import detection_metrics, score_histogram
-from models.policy import adapter_of
+from models.policy import SharingPolicy, adapter_of
 from models.protocol import (
     CALIBRATE,
     DATA_ENV,
@@ -47,6 +53,8 @@ from models.protocol import (
     GLOBAL_THRESHOLD_KEY,
     METRIC_NAMES,
     MIN_SUBJECTS_PER_FIGURE,
+    PERSONALISED_MODEL_DIR,
+    PROGRESS_MARK,
     SAMPLES_KEY,
     STAGE_KEY,
     TEST_METRICS_FILE,
@@ -56,6 +64,9 @@ from models.protocol import (
 logger = logging.getLogger(__name__)
 VALIDATE_ONLY_WHEN_ASKED = 10**9  # no validation inside fit: the round's explicit pre-fit validation is the report
 TRACKED_METRICS = ("val_loss", *(f"val{kind}_{name}" for kind in ("", "_global_only") for name in METRIC_NAMES))
+NVFLARE_LIGHTNING_LOGGER = "FLCallback"
+"""The logger of NVFlare's Lightning callback (nvflare.app_opt.lightning.api.FLCallback names it after its class)."""
+NVFLARE_MISSING_KEYS = "There were missing keys when loading the global state_dict: "
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -118,6 +129,63 @@ def full_model_bytes(module: DualLoRAClassifier) -> int:
     return sum(value.nbytes for key, value in module.state_dict().items() if adapter_of(key) is None)
 
 
+class MissingKeysSummary(logging.Filter):
+    """Turns NVFlare's per-round warning listing every key the global model does not carry (the whole frozen
+    backbone and the private entries: expected, since only shared keys travel) into one INFO line with counts."""
+
+    def __init__(self, policy: SharingPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(NVFLARE_MISSING_KEYS):
+            return True
+        try:
+            keys = ast.literal_eval(message[len(NVFLARE_MISSING_KEYS) :])
+        except (ValueError, SyntaxError):
+            return True
+        private = sum(1 for key in keys if self.policy.is_trainable(key))
+        record.msg = (
+            f"global model loaded; {len(keys)} keys kept from the site's own model, as expected: "
+            f"{len(keys) - private} frozen, {private} private (the policy does not share them)"
+        )
+        record.args = ()
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def summarise_missing_keys(policy: SharingPolicy) -> None:
+    """Install MissingKeysSummary on NVFlare's Lightning callback logger (once per process)."""
+    flare_logger = logging.getLogger(NVFLARE_LIGHTNING_LOGGER)
+    if not any(isinstance(existing, MissingKeysSummary) for existing in flare_logger.filters):
+        flare_logger.addFilter(MissingKeysSummary(policy))
+
+
+class ReportEpochs(pl.Callback):
+    """After each training epoch: a PROGRESS_MARK line on stdout, and the epoch's mean training loss streamed to
+    the server's tracking (only when the site trains on at least MIN_SUBJECTS_PER_FIGURE subjects)."""
+
+    def __init__(self, tracker: SummaryWriter | None, site: str, current_round: int, n_train: int):
+        self.tracker = tracker if n_train >= MIN_SUBJECTS_PER_FIGURE else None
+        self.site = site
+        self.current_round = current_round
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train_loss")
+        if loss is None:
+            return
+        epoch = trainer.current_epoch
+        print(
+            f"{PROGRESS_MARK} site={self.site} round={self.current_round} epoch={epoch + 1}/{trainer.max_epochs} "
+            f"train_loss={float(loss):.4f}",
+            flush=True,
+        )
+        if self.tracker is not None:
+            step = self.current_round * (trainer.max_epochs or 1) + epoch
+            self.tracker.add_scalar("train_loss", float(loss), global_step=step)
+
+
 class SavePrivateState(pl.Callback):
     """Logs the digest of the global model the round trains from, and saves the site's private entries (with that
     digest) when training ends, before the FL callback sends the result."""
@@ -137,10 +205,10 @@ class SavePrivateState(pl.Callback):
         self.state.save(private_state(pl_module), self.current_round, self.global_digest)
 
 
-def round_trainer(config: SiteConfig, state: SiteState, current_round: int) -> pl.Trainer:
+def round_trainer(config: SiteConfig, state: SiteState, current_round: int, report: ReportEpochs) -> pl.Trainer:
     """A fresh trainer patched for one round: a round then runs the same whether the process lived on or not
     (a reused Lightning trainer trains its next fit differently)."""
-    trainer = make_trainer(config, state.directory, [SavePrivateState(state, current_round)])
+    trainer = make_trainer(config, state.directory, [SavePrivateState(state, current_round), report])
     patch_trainer(trainer, restore_state=False, load_state_dict_strict=False)
     return trainer
 
@@ -150,6 +218,7 @@ def make_trainer(config: SiteConfig, root_dir: str, callbacks: list[pl.Callback]
         max_epochs=config.local_epochs,
         accelerator="auto",
         devices=1,
+        precision=config.trainer_precision(),
         **QUIET_TRAINER_KWARGS,
         check_val_every_n_epoch=VALIDATE_ONLY_WHEN_ASKED,
         default_root_dir=root_dir,
@@ -157,13 +226,21 @@ def make_trainer(config: SiteConfig, root_dir: str, callbacks: list[pl.Callback]
     )
 
 
-def require_subjects(datamodule: VendorDataModule, *splits: str) -> None:
-    """Fail with the site and the manifest named when one of `splits` has no subject at this site."""
-    for split in splits:
-        if not datamodule.rows[split]:
-            raise ValueError(
-                f"site {flare.get_site_name()}: no {split} subjects in {datamodule.root / 'manifest.csv'}"
-            )
+def check_site_data(config: SiteConfig, datamodule: VendorDataModule, module: DualLoRAClassifier) -> dict[str, Any]:
+    """Before any training: the site's splits can train and evaluate a model, and its data were prepared to the
+    model's input shape. Returns the input contract of the site's data (for the exported model)."""
+    site = flare.get_site_name()
+    problems = datamodule.split_problems(need_both_classes=config.class_weights == "inverse_frequency")
+    prepared = datamodule.root / "prepared.json"
+    geometry = read_prepared(datamodule.root)["geometry"]
+    shape = [*geometry["crop"], geometry["depth"]]
+    model_config = backbone_of(module.model).config
+    model_shape = list(model_config.image_size)
+    if shape != model_shape:
+        problems.append(f"{prepared} field geometry: data prepared at {shape}, the model takes {model_shape}")
+    if problems:
+        raise ValueError(f"site {site}: cannot train here: " + "; ".join(problems))
+    return input_contract(model_config, geometry["spacing_mm"])
 
 
 def global_model_kind(module: DualLoRAClassifier) -> str | None:
@@ -181,7 +258,6 @@ def calibration_reply(
     kind = global_model_kind(module)
     if kind is None:
         return {}
-    require_subjects(datamodule, "val")
     make_trainer(config, run_dir, []).validate(module, datamodule=datamodule, verbose=False)
     rows = module.eval_predictions["val" if kind == "model" else "val_global_only"]
     if len(rows) < MIN_SUBJECTS_PER_FIGURE:
@@ -201,10 +277,10 @@ def final_evaluation(
     datamodule: VendorDataModule,
     run_dir: str,
     global_threshold: float | None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Test-split metrics of the personalised and the global-only model at their validation thresholds, written to
-    the run directory: each site's own for a personalised model, `global_threshold` (pooled) for the global one."""
-    require_subjects(datamodule, "val", "test")
+    the run directory: each site's own for a personalised model, `global_threshold` (pooled) for the global one.
+    Returns (the figures the site sends, the full report)."""
     trainer = make_trainer(config, run_dir, [])
     trainer.validate(module, datamodule=datamodule, verbose=False)
     module.choose_thresholds("val")
@@ -249,7 +325,47 @@ def final_evaluation(
     write_json_atomic(os.path.join(run_dir, TEST_METRICS_FILE), report)
     counts = {f"{name}_n": len(rows) for name, rows in test["predictions"].items()}
     scores = {f"{name}_{metric}": value for name, scores in test["models"].items() for metric, value in scores.items()}
-    return {**scores, **counts}  # the filter sends a model's figures only with their subject count
+    return {**scores, **counts}, report  # the filter sends a model's figures only with their subject count
+
+
+def export_personalised(
+    module: DualLoRAClassifier,
+    config: SiteConfig,
+    report: dict[str, Any],
+    contract: dict[str, Any],
+    completed_round: int | None,
+    run_dir: str,
+) -> str:
+    """Write the site's personalised model (the model its test figures describe) to `personalised_model/`."""
+    weights, _ = config.backbone_files()
+    metadata = {
+        "kind": "personalised",
+        "site": report["site"],
+        "round": completed_round,
+        "input_contract": contract,
+        "backbone_weights": backbone_record(config.weights, weights),
+        "threshold_source": report["threshold_sources"]["personalised"],
+        "metrics": {
+            split: {
+                "n": len(scored["predictions"]["personalised"]),
+                **scored["models"]["personalised"],
+            }
+            for split, scored in (("validation", report["validation"]), ("test", report))
+        },
+        "training": config.to_dict(),
+    }
+    out = os.path.join(run_dir, PERSONALISED_MODEL_DIR)
+    write_model(
+        out,
+        module.model,
+        module.policy,
+        module.adapter_config,
+        module.policy.adapters,
+        report["thresholds"]["personalised"],
+        metadata,
+    )
+    print(f"site {report['site']}: personalised model written to {out}", flush=True)
+    return out
 
 
 def track_validation(tracker: SummaryWriter, metrics: dict[str, Any], current_round: int) -> None:
@@ -302,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     module = config.build_module()
     state = SiteState(site_state_dir(config.run_name, site, workspace=os.path.dirname(run_dir)), config.run_name)
     tracker = SummaryWriter()
+    summarise_missing_keys(module.policy)
     site_meta = {FULL_MODEL_BYTES_KEY: full_model_bytes(module)}
+    contract: dict[str, Any] | None = None
     while flare.is_running():
         received = flare.receive()
         if received is None:
@@ -322,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             num_workers=config.num_workers,
             seed=seed,
         )
+        if contract is None:
+            contract = check_site_data(config, datamodule, module)
         if evaluating:
             module.load_shared_state_dict(received.params or {})
             meta = received.meta or {}
@@ -329,12 +449,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 flare.send(FLModel(metrics=calibration_reply(module, config, datamodule, run_dir)))
             else:
                 threshold = meta.get(GLOBAL_THRESHOLD_KEY)
-                flare.send(FLModel(metrics=final_evaluation(module, config, datamodule, run_dir, threshold)))
+                figures, report = final_evaluation(module, config, datamodule, run_dir, threshold)
+                export_personalised(module, config, report, contract, state.latest_round(), run_dir)
+                flare.send(FLModel(metrics=figures))
             continue
         announce_fedprox(config, received)
         pl.seed_everything(seed, verbose=False)
         module.__fl_meta__ = {**site_meta, SAMPLES_KEY: datamodule.num_train_samples}
-        trainer = round_trainer(config, state, received.current_round)
+        report = ReportEpochs(tracker, site, received.current_round, datamodule.num_train_samples)
+        trainer = round_trainer(config, state, received.current_round, report)
         trainer.validate(module, datamodule=datamodule, verbose=False)
         track_validation(tracker, trainer.callback_metrics, received.current_round)
         trainer.fit(module, datamodule=datamodule)

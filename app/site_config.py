@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from models.config import ConvViTConfig
+from models.config import CINEMA_SPACING_MM, ConvViTConfig, cinema_yaml_spacing
 from models.dual_lora import DualLoRAConfig, build_policy
 from models.lit import DualLoRAClassifier
 from models.policy import POLICY_NAMES, SharingPolicy, get_policy
@@ -24,6 +24,7 @@ SITE_CONFIG_FILE = "site_config.json"
 SCHEMA = "med-duallora/site-config/1"
 """The first field of the serialised form. A scalar first on purpose: `nvflare job submit` rewrites every JSON file
 in an app folder, and a file whose first value is an object comes out as that object alone (NVFlare 2.9)."""
+AUTO_PRECISION = "auto"
 DEFAULT_PRESET = "micro"
 """The ConvViT preset of a random backbone or a checkpoint given without its config.yaml."""
 
@@ -84,7 +85,15 @@ class SiteConfig:
         default=0.0,
     )
     use_prefix_cache: bool = _help("Reuse frozen-prefix features per subject in validation and test.", default=True)
-    grad_ckpt: bool = _help("Gradient checkpointing of the encoder blocks (CineMA-base on a GPU).", default=False)
+    grad_ckpt: bool = _help(
+        "Activation (gradient) checkpointing of the encoder blocks: less GPU memory for CineMA-base, more compute.",
+        default=False,
+    )
+    precision: str = _help(
+        f"Lightning precision at the site: `{AUTO_PRECISION}` (bf16-mixed on a GPU, 32-true on CPU), `32-true`, "
+        "`bf16-mixed`, `16-mixed`.",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.adapter.init_seed != self.seed:
@@ -164,6 +173,29 @@ class SiteConfig:
         return (
             ConvViTConfig.from_cinema_yaml(config) if config else ConvViTConfig.preset(self.backbone or DEFAULT_PRESET)
         )
+
+    def model_spec(self) -> dict[str, Any]:
+        """What the server needs to export the global model without the backbone (custom.global_export): the
+        model's shape, adapters and policy, the backbone weights as configured, and the input spacing of the
+        backbone's config."""
+        _, config = self.backbone_files(check_weights=False)
+        model_config = self.model_config()
+        spec = {
+            "convvit": dataclasses.asdict(dataclasses.replace(model_config, n_classes=2)),
+            "adapter": dataclasses.asdict(self.adapter),
+            "policy": self.policy.to_dict(),
+            # as configured only: the server hashes the file if it has it (a job carries no path, and NVFlare's
+            # secret scan flags a 64-hex-digit value in a job config)
+            "weights": self.weights,
+            "spacing_mm": list(cinema_yaml_spacing(config) if config else CINEMA_SPACING_MM),
+        }
+        return json.loads(json.dumps(spec))  # JSON's own types: the job config holds it as the server reads it
+
+    def trainer_precision(self) -> str:
+        """The Lightning precision a site's trainers use (`auto`: bf16-mixed where CUDA is, else 32-true)."""
+        if self.precision != AUTO_PRECISION:
+            return self.precision
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
     @property
     def site_proximal_mu(self) -> float:

@@ -1,5 +1,6 @@
 """FedAvg workflow that trains every connected site each round, completes a round without the ones that fail, and
-ends with the two-stage final evaluation of custom.evaluation (pooled threshold, then test)."""
+ends with the two-stage final evaluation of custom.evaluation (pooled threshold, then test) and the export of the
+global model (custom.global_export)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from custom.evaluation import pooled_threshold, site_histogram
+from custom.global_export import export_global_model
 from models.atomic_io import write_json_atomic
 from models.protocol import CALIBRATE, GLOBAL_THRESHOLD_FILE, GLOBAL_THRESHOLD_KEY, STAGE_KEY, TEST
 
@@ -27,7 +29,8 @@ class ResilientFedAvg(FedAvg):
 
     After the last round the final global model goes to every site twice (`validate`): `calibrate` collects the
     histograms of its validation scores and fixes its pooled threshold (written beside the global model as
-    global_threshold.json), `test` sends that threshold and collects the test metrics.
+    global_threshold.json), `test` sends that threshold and collects the test metrics. The global model is then
+    exported beside the server's run folder (`model_spec`, from the job, describes the model; none: no export).
     """
 
     def __init__(
@@ -36,9 +39,11 @@ class ResilientFedAvg(FedAvg):
         min_responses: int = 1,
         straggler_wait_s: int = 3600,
         round_timeout_s: int = 0,
+        model_spec: dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.model_spec = model_spec
         if min_responses < 1:
             raise ValueError(f"min_responses must be at least 1, got {min_responses}")
         self.min_responses = min_responses
@@ -83,8 +88,17 @@ class ResilientFedAvg(FedAvg):
             write_json_atomic(os.path.join(self.get_app_dir(), GLOBAL_THRESHOLD_FILE), pooled)
             self.info(f"global model's pooled validation threshold: {pooled}")
         threshold = pooled["threshold"] if pooled else None
+        test_figures = {}
         for reply in self._evaluate(model, {STAGE_KEY: TEST, GLOBAL_THRESHOLD_KEY: threshold}):
-            self.info(f"final test metrics of {(reply.meta or {}).get('client_name', '?')}: {reply.metrics}")
+            site = (reply.meta or {}).get("client_name", "?")
+            self.info(f"final test metrics of {site}: {reply.metrics}")
+            test_figures[site] = dict(reply.metrics or {})
+        if self.model_spec is not None:
+            run_dir = os.path.dirname(self.get_app_dir())
+            written = export_global_model(
+                run_dir, self.model_spec, model.params or {}, pooled, test_figures, self.current_round
+            )
+            self.info(f"global model: {written}")
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         sites = super().sample_clients(None)

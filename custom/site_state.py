@@ -72,6 +72,11 @@ class SiteState:
                 rounds.append(int(number))
         return sorted(rounds)
 
+    def latest_round(self) -> int | None:
+        """The last completed round with a saved state, None before the first."""
+        rounds = self.saved_rounds()
+        return rounds[-1] if rounds else None
+
     def save(self, private: Mapping[str, torch.Tensor], completed_round: int, global_digest: str = "") -> None:
         """Persist the private entries reached at the end of `completed_round`; drop all but the last few."""
         state = {key: value.detach().cpu().clone() for key, value in private.items()}
@@ -82,10 +87,9 @@ class SiteState:
 
     def load(self, completed_round: int | None = None) -> tuple[dict[str, torch.Tensor], int] | None:
         """The private entries saved at `completed_round` (default: the latest) and that round, or None."""
-        rounds = self.saved_rounds()
         if completed_round is None:
-            completed_round = rounds[-1] if rounds else None
-        if completed_round is None or completed_round not in rounds:
+            completed_round = self.latest_round()
+        if completed_round is None or completed_round not in self.saved_rounds():
             return None
         path = self.round_path(completed_round)
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.preprocess import read_volume
-from data_prep.report import image_path, read_manifest
+from data_prep.report import PREPARED_FILE, image_path, read_manifest
 from models.atomic_io import write_json_atomic
 from models.protocol import SITES
 from models.standin import RECORD_NAME, STANDIN_DIR, read_record
@@ -81,7 +81,7 @@ def prepared(
     stamp = raw / STAMP_FILE
     raw_settings = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() else {"raw_dir": str(raw)}
     settings = {"raw": raw_settings, "split_seed": split_seed, "options": list(options)}
-    if _finished(out, settings):
+    if _finished(out, settings) and (out / PREPARED_FILE).is_file():  # roots prepared before prepared.json: redo
         return out
     shutil.rmtree(out, ignore_errors=True)
     arguments = ["--raw", str(raw), "--out", str(out), "--seed", str(split_seed), "--workers", str(workers)]

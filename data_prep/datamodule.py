@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from data_prep.preprocess import read_volume
 from data_prep.report import image_path, read_manifest
 from data_prep.splits import SPLITS
-from models.protocol import DATA_ENV
+from models.protocol import DATA_ENV, MIN_TRAIN_SUBJECTS
 
 # CineMA classification augmentation (reference-cinema.md §3), defined for a 192-voxel crop.
 CINEMA_CROP = 192
@@ -118,8 +118,6 @@ class VendorDataModule(L.LightningDataModule):
             raise ValueError(f"client(s) {unknown} not in {manifest} (available: {available})")
         self.clients = wanted
         self.rows = {split: [r for r in rows if r["client"] in wanted and r["split"] == split] for split in SPLITS}
-        if not self.rows["train"]:
-            raise ValueError(f"no training rows for clients {wanted} in {manifest}")
         self.batch_size = batch_size
         self.augment = augment
         self.transform = transform
@@ -138,13 +136,35 @@ class VendorDataModule(L.LightningDataModule):
         labels = [int(row["label"]) for row in self.rows["train"]]
         return [labels.count(0), labels.count(1)]
 
+    def split_problems(self, need_both_classes: bool = False) -> list[str]:
+        """Why these clients' splits cannot train and evaluate a model (empty when they can): no validation or
+        test subject, fewer than MIN_TRAIN_SUBJECTS training subjects, or (`need_both_classes`, for a
+        class-balanced loss) a training split without a healthy or without a diseased subject."""
+        problems = [f"no {split} subjects" for split in ("val", "test") if not self.rows[split]]
+        if len(self.rows["train"]) < MIN_TRAIN_SUBJECTS:
+            problems.append(f"{len(self.rows['train'])} training subject(s), fewer than {MIN_TRAIN_SUBJECTS}")
+        healthy, diseased = self.train_class_counts
+        if need_both_classes and not (healthy and diseased):
+            problems.append(f"training split has {healthy} healthy and {diseased} diseased subjects: both are needed")
+        return problems
+
+    def require_usable_splits(self, need_both_classes: bool = False) -> None:
+        """Fail before any training, naming the clients and the manifest, when `split_problems` finds something."""
+        problems = self.split_problems(need_both_classes)
+        if problems:
+            raise ValueError(
+                f"client(s) {', '.join(self.clients)} in {self.root / 'manifest.csv'}: "
+                + "; ".join(problems)
+                + " (see the warnings of data_prep.prepare, and its --val-fraction / --test-fraction)"
+            )
+
     def setup(self, stage: str | None = None) -> None:
         """Read every volume of the selected clients once; later epochs never touch the files again."""
         for split in SPLITS:
             if split in self.datasets:
                 continue
             transform = None
-            if split == "train" and self.augment:
+            if split == "train" and self.augment and self.rows["train"]:
                 first = read_volume(image_path(self.root / "manifest.csv", self.rows["train"][0]))
                 transform = self.transform((first.shape[1], first.shape[2]), self.seed)
             self.datasets[split] = CachedVolumes(self.root, self.rows[split], transform)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,8 +21,18 @@ from data_prep.nifti import PARTIAL_SUFFIX
 from data_prep.preprocess import Geometry, preprocess, write_volume
 from data_prep.readers import discover
 from data_prep.records import InputError, LabelRule, SubjectRecord, parse_label_overrides
-from data_prep.report import MANIFEST_COLUMNS, summary, write_csv_atomic, write_skipped
+from data_prep.report import (
+    MANIFEST_COLUMNS,
+    PREPARED_FILE,
+    PREPARED_SCHEMA,
+    split_counts,
+    split_warnings,
+    summary,
+    write_csv_atomic,
+    write_skipped,
+)
 from data_prep.splits import assign_splits
+from models.atomic_io import write_json_atomic
 
 VOLUME_FOLDER = "volumes"
 MAX_TASKS_PER_WORKER = 64
@@ -37,11 +47,13 @@ class WorkerCrashError(RuntimeError):
 
 @dataclass
 class PrepareResult:
-    """Rows written to manifest.csv, inputs refused, and whether --strict stopped the run."""
+    """Rows written to manifest.csv, inputs refused or not recognised (the rows of skipped.csv), whether --strict
+    stopped the run, and the warnings about degenerate splits or absent sites (as in prepared.json)."""
 
     rows: list[dict[str, object]]
     problems: list[InputError]
     stopped: bool
+    warnings: list[str] = field(default_factory=list)
 
 
 def _worker_init() -> None:
@@ -143,8 +155,8 @@ def _remote_cause(error: BrokenProcessPool) -> str:
 
 
 def _clean_output(out_root: Path) -> None:
-    """Remove the previous manifest / skipped list and any partial file a crash left behind."""
-    for name in ("manifest.csv", "skipped.csv"):
+    """Remove the previous manifest / skipped list / prepared.json and any partial file a crash left behind."""
+    for name in ("manifest.csv", "skipped.csv", PREPARED_FILE):
         (out_root / name).unlink(missing_ok=True)
     for partial in out_root.rglob(f"*{PARTIAL_SUFFIX}"):
         partial.unlink()
@@ -161,10 +173,12 @@ def run_prepare(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
 ) -> PrepareResult:
-    """The whole prepare step; writes manifest.csv (unless --strict stopped it) and skipped.csv under `out_root`.
+    """The whole prepare step; writes manifest.csv and prepared.json (unless --strict stopped it) and skipped.csv
+    under `out_root`.
 
     Defaults: CineMA's geometry and the label rule NOR = 0, every other code = 1. A worker process that dies raises
-    WorkerCrashError and nothing is written (manifest.csv is only written at the end, atomically).
+    WorkerCrashError and nothing is written (manifest.csv is only written at the end, atomically). NIfTI files no
+    reader recognises are listed in skipped.csv after the refused subjects; they never stop a --strict run.
     """
     geometry = geometry or Geometry()
     rule = rule or LabelRule()
@@ -195,8 +209,44 @@ def run_prepare(
         row["split"] = splits[str(row["subject_id"])]
     rows.sort(key=lambda r: (str(r["client"]), str(r["subject_id"])))
     write_csv_atomic(out_root / "manifest.csv", MANIFEST_COLUMNS, rows)
+    problems.extend(found.unrecognised)
     write_skipped(out_root / "skipped.csv", problems)
-    return PrepareResult(rows, problems, stopped=False)
+    warnings = write_prepared(out_root, rows, geometry, rule, seed, (val_fraction, test_fraction))
+    return PrepareResult(rows, problems, stopped=False, warnings=warnings)
+
+
+def write_prepared(
+    out_root: Path,
+    rows: list[dict[str, object]],
+    geometry: Geometry,
+    rule: LabelRule,
+    seed: int,
+    fractions: tuple[float, float],
+) -> list[str]:
+    """Write `<out_root>/prepared.json` (settings, counts per site and split, warnings); returns the warnings."""
+    counts = split_counts(rows)
+    warnings = split_warnings(counts)
+    record = {
+        "schema": PREPARED_SCHEMA,
+        "geometry": geometry_fields(geometry),
+        "seed": seed,
+        "val_fraction": fractions[0],
+        "test_fraction": fractions[1],
+        "label_rule": dict(rule.overrides),
+        "counts": counts,
+        "warnings": warnings,
+    }
+    write_json_atomic(out_root / PREPARED_FILE, record)
+    return warnings
+
+
+def geometry_fields(geometry: Geometry) -> dict[str, object]:
+    """prepared.json `geometry`: crop (voxels), spacing_mm and depth (slices)."""
+    return {
+        "crop": [int(v) for v in geometry.crop],
+        "spacing_mm": [float(v) for v in geometry.spacing],
+        "depth": int(geometry.depth),
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -205,7 +255,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw", type=Path, action="append", required=True, help="input folder (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="prepared root to write")
     parser.add_argument("--seed", type=int, default=0, help="split seed")
-    parser.add_argument("--strict", action="store_true", help="stop with exit 1 at the first bad subject")
+    parser.add_argument(
+        "--strict", action="store_true", help="stop with exit 1 at the first bad subject (unrecognised files do not)"
+    )
     parser.add_argument("--crop", type=int, nargs=2, default=[192, 192], metavar=("X", "Y"))
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 10.0], metavar=("X", "Y", "Z"))
     parser.add_argument("--depth", type=int, default=16, help="slices after z padding")
@@ -248,11 +300,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.stopped:
         print("error: --strict: stopped at the first bad subject (see skipped.csv)", file=sys.stderr)
         return 1
-    print(summary(result.rows, len(result.problems)))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(summary(result.rows, len(result.problems), len(result.warnings)))
     if not result.rows:
-        print(f"error: no subject prepared from {', '.join(map(str, args.raw))}", file=sys.stderr)
+        print(f"error: {_nothing_prepared(args.raw, args.out, len(result.problems))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _nothing_prepared(raw_dirs: Sequence[Path], out_root: Path, n_skipped: int) -> str:
+    """Why no subject was prepared: the skipped list to read, or no NIfTI input at all."""
+    where = f"no subject prepared from {', '.join(map(str, raw_dirs))}"
+    if n_skipped:
+        return f"{where}: {n_skipped} input(s) skipped, each with its reason in {out_root / 'skipped.csv'}"
+    return f'{where}: no .nii.gz / .nii file found under it (see README "Input layouts")'
 
 
 if __name__ == "__main__":

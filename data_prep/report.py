@@ -1,16 +1,20 @@
-"""Atomic CSV outputs (manifest.csv, skipped.csv) and the end-of-run summary (client × split × label counts)."""
+"""Outputs of a prepare run: atomic CSVs (manifest.csv, skipped.csv), prepared.json (geometry, settings, counts,
+warnings about degenerate splits) and the end-of-run summary (client × split × label counts)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from data_prep.records import InputError
 from data_prep.splits import SPLITS
 from models.atomic_io import write_text_atomic
+from models.protocol import MIN_SUBJECTS_PER_FIGURE, MIN_TRAIN_SUBJECTS, SITES
 
 MANIFEST_COLUMNS = (
     "subject_id",
@@ -31,6 +35,10 @@ MANIFEST_COLUMNS = (
     "crop_method",
 )
 SKIPPED_COLUMNS = ("path", "reason")
+PREPARED_FILE = "prepared.json"
+PREPARED_SCHEMA = "med-duallora/prepared/1"
+PREPARED_FIELDS = ("schema", "geometry", "seed", "val_fraction", "test_fraction", "label_rule", "counts", "warnings")
+GEOMETRY_FIELDS = ("crop", "spacing_mm", "depth")
 
 
 def write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[dict[str, object]]) -> None:
@@ -77,8 +85,8 @@ def image_path(manifest: Path, row: Mapping[str, str]) -> Path:
     return resolved
 
 
-def summary(rows: Sequence[dict[str, object]], n_skipped: int) -> str:
-    """Table of counts per client × split × label (healthy/diseased), plus totals."""
+def summary(rows: Sequence[dict[str, object]], n_skipped: int, n_warnings: int = 0) -> str:
+    """Table of counts per client × split × label (healthy/diseased), plus totals and the skipped / warning counts."""
     counts = Counter((str(r["client"]), str(r["split"]), int(r["label"])) for r in rows)
     clients = sorted({str(r["client"]) for r in rows})
     header = f"{'client':<9}" + "".join(f"{split + ' 0/1':>13}" for split in SPLITS) + f"{'total':>8}"
@@ -87,5 +95,95 @@ def summary(rows: Sequence[dict[str, object]], n_skipped: int) -> str:
         cells = "".join(f"{counts[client, s, 0]:>9}/{counts[client, s, 1]:<3}" for s in SPLITS)
         total = sum(v for (c, _, _), v in counts.items() if c == client)
         lines.append(f"{client:<9}{cells}{total:>8}")
-    lines.append(f"prepared {len(rows)} subjects, skipped {n_skipped} (label 0 = healthy, 1 = diseased)")
+    lines.append(
+        f"prepared {len(rows)} subjects, skipped {n_skipped}, warnings {n_warnings} (label 0 = healthy, 1 = diseased)"
+    )
     return "\n".join(lines)
+
+
+# ---- prepared.json: degenerate splits and the settings other steps read back ---------------------------------------
+
+
+def split_counts(rows: Iterable[Mapping[str, object]]) -> dict[str, dict[str, Any]]:
+    """Subjects per client and split, with the healthy ones (label 0) per split: prepared.json `counts`."""
+    counts: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        client, split = str(row["client"]), str(row["split"])
+        entry = counts.setdefault(client, {**dict.fromkeys(SPLITS, 0), "healthy": dict.fromkeys(SPLITS, 0)})
+        entry[split] += 1
+        entry["healthy"][split] += 1 if int(row["label"]) == 0 else 0
+    return dict(sorted(counts.items()))
+
+
+def site_warnings(client: str, count: Mapping[str, Any]) -> list[str]:
+    """Why one site's splits cannot train, or cannot report a figure on, a model (empty when they can)."""
+    warnings = []
+    for split in ("val", "test"):
+        if count[split] == 0:
+            warnings.append(f"site {client}: no {split} subjects")
+        elif count[split] < MIN_SUBJECTS_PER_FIGURE:
+            warnings.append(
+                f"site {client}: {count[split]} {split} subject(s), too few to report a figure "
+                f"(fewer than {MIN_SUBJECTS_PER_FIGURE})"
+            )
+    train, healthy = count["train"], count["healthy"]["train"]
+    if train < MIN_TRAIN_SUBJECTS:
+        warnings.append(f"site {client}: {train} training subject(s), fewer than {MIN_TRAIN_SUBJECTS}")
+    elif healthy in (0, train):
+        kind = "healthy (label 0)" if healthy else "diseased (label 1)"
+        warnings.append(f"site {client}: all {train} training subjects are {kind}: a single class")
+    return warnings
+
+
+def split_warnings(counts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Warnings of every prepared site (see `site_warnings`) and of every federation site with no subject."""
+    warnings = []
+    for client in [*SITES, *sorted(set(counts) - set(SITES))]:
+        if client in counts:
+            warnings.extend(site_warnings(client, counts[client]))
+        else:
+            warnings.append(f"site {client}: no subject prepared; it cannot join a federated run")
+    return warnings
+
+
+def read_prepared(root: Path | str) -> dict[str, Any]:
+    """`<root>/prepared.json`, checked; FileNotFoundError or ValueError naming the file (and the field)."""
+    path = Path(root) / PREPARED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (python -m data_prep.prepare writes it; prepare {root} again)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable JSON ({type(error).__name__}: {error})") from error
+    _require_fields(path, record, PREPARED_FIELDS, "")
+    if record["schema"] != PREPARED_SCHEMA:
+        raise ValueError(f"{path}: field schema is {record['schema']!r}, expected {PREPARED_SCHEMA!r}")
+    geometry = record["geometry"]
+    _require_fields(path, geometry, GEOMETRY_FIELDS, "geometry.")
+    _require_values(path, geometry["crop"], "geometry.crop", 2, integer=True)
+    _require_values(path, geometry["spacing_mm"], "geometry.spacing_mm", 3, integer=False)
+    if not _positive(geometry["depth"], integer=True):
+        raise ValueError(f"{path}: field geometry.depth is {geometry['depth']!r}, expected a positive integer")
+    return record
+
+
+def _require_fields(path: Path, record: object, names: Sequence[str], prefix: str) -> None:
+    """ValueError naming the file and the first field of `names` missing from the JSON object `record`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: field {prefix.rstrip('.') or '(top level)'} is not a JSON object")
+    for name in names:
+        if name not in record:
+            raise ValueError(f"{path}: missing field {prefix}{name}")
+
+
+def _positive(value: object, integer: bool) -> bool:
+    """True for a positive JSON number (an integer when `integer`); booleans are not numbers here."""
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0
+
+
+def _require_values(path: Path, values: object, name: str, length: int, integer: bool) -> None:
+    """ValueError naming the file and field unless `values` is a list of `length` positive numbers."""
+    if not (isinstance(values, list) and len(values) == length and all(_positive(v, integer) for v in values)):
+        what = "integers" if integer else "numbers"
+        raise ValueError(f"{path}: field {name} is {values!r}, expected {length} positive {what}")

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from app.site_config import SiteConfig
 from jobs.recipe import FederationConfig, export_job
-from jobs.simulate import SimulatorRun, run_simulator
+from jobs.simulate import SimulatorRun, last_epochs_only, run_simulator
 from models.dual_lora import DualLoRAConfig
 from models.policy import SharingPolicy, parameter_counts
 from models.protocol import DATA_ENV, ROUND_METRIC, SITES, STATE_ENV
@@ -215,7 +215,7 @@ def run_federated(method: MethodSpec, settings: RunSettings, seed: int, run_dir:
         settings.simulator_threads,
         env=env,
         log_file=run_dir / SIMULATOR_LOG,
-        progress=lambda line: settings.log(f"    {label}: {line}"),
+        progress=last_epochs_only(lambda line: settings.log(f"    {label}: {line}")),
         attempts=ATTEMPTS,
         clear_before_retry=[state],
     )

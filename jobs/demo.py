@@ -22,7 +22,7 @@ from pathlib import Path
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from data_prep.cohort import Cohort, assert_disjoint_from_standin, build_cohort
 from jobs.recipe import REPO
-from jobs.simulate import SimulatorRun, run_simulator
+from jobs.simulate import SimulatorRun, last_epochs_only, run_simulator
 from models.atomic_io import write_json_atomic, write_text_atomic
 from models.metrics import bootstrap_auroc, subject_metrics
 from models.protocol import DATA_ENV, SITES, STATE_ENV
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.pop(STATE_ENV, None)  # site state stays in each site's simulator workspace, which the run wipes first
     workspace = out / "ws"
     print(f"running: nvflare simulator {JOB.relative_to(REPO)} -w {workspace} -c {','.join(SITES)} -t {args.threads}")
-    progress = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+    progress = last_epochs_only(_say)
     run = run_simulator(
         JOB, workspace, SITES, args.threads, env=env, log_file=out / "simulator.log", progress=progress
     )
@@ -151,7 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     write_text_atomic(out / "results.txt", table + "\n")
     write_json_atomic(out / "results.json", scores)
-    print(f"\nTensorBoard: tensorboard --logdir {run.server_dir / 'tb_events'}")
+    print(f"\nmodels: the global model in {run.global_model_dir}")
+    print(f"        each site's personalised model in {run.personalised_model_dir('<site>')}")
+    print(f"score a study: .venv/bin/python -m app.predict --model {run.personalised_model_dir('ge')} \\")
+    print("                 --ed ED.nii.gz --es ES.nii.gz --out prediction.json   (README: Using the trained models)")
+    print(f"TensorBoard: tensorboard --logdir {run.server_dir / 'tb_events'}")
     print(f"table saved to {out / 'results.txt'}; server run folder {run.server_dir}")
     return 0
 

@@ -5,7 +5,8 @@ python jobs/job.py export --method fedit                    # jobs/fedit/
 python jobs/job.py export --real --out runs/real_jobs       # CineMA-base, weights from $MED_DUALLORA_WEIGHTS
 MED_DUALLORA_DATA=PREPARED python jobs/job.py simulate --workspace runs/sim
 MED_DUALLORA_DATA=PREPARED python jobs/job.py poc --rounds 2               # on a loopback POC network
-python jobs/job.py submit --real --site-installed --startup-kit PROV/med_duallora/prod_00/admin@coordinator.example.org
+python jobs/job.py submit --real --site-installed --startup-kit KIT --username admin@coordinator.example.org
+    # KIT: the admin's startup kit, e.g. PROV/med_duallora/prod_00/admin@coordinator.example.org
 """
 
 from __future__ import annotations
@@ -18,9 +19,20 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from nvflare.fuel.flare_api.api_spec import AuthenticationError, AuthorizationError
+
 from app.site_config import add_site_arguments, site_config_from_arguments
-from jobs.poc import run_job, submit_folder
-from jobs.recipe import REPO, FederationConfig, export_job, real_site_settings
+from jobs.poc import CONNECT_TIMEOUT_S, AdminKit, run_job, submit_folder
+from jobs.recipe import (
+    REAL_ROUNDS,
+    REAL_TRAINING,
+    REPO,
+    TRACKING_PACKAGES,
+    FederationConfig,
+    TrackingUnavailable,
+    export_job,
+    real_site_settings,
+)
 from jobs.simulate import run_simulator
 from models.protocol import DATA_ENV, SITES, WEIGHTS_ENV
 from models.standin import STANDIN
@@ -70,9 +82,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default: on with --real, off for the micro demo)",
     )
     federation.add_argument(
+        "--tracking",
+        choices=sorted(TRACKING_PACKAGES),
+        default=FederationConfig.tracking,
+        help="the server's experiment tracking (default: %(default)s; mlflow needs `pip install mlflow` on the "
+        "server and where the job is exported)",
+    )
+    configuration = federation.add_mutually_exclusive_group()
+    configuration.add_argument(
         "--real",
         action="store_true",
         help=f"CineMA-base with pretrained weights at every site (--weights default ${WEIGHTS_ENV}; torch's threads)",
+    )
+    configuration.add_argument(
+        "--demo",
+        action="store_true",
+        help="the micro CPU demo job (the default of export, simulate and poc; submit needs --real or --demo)",
     )
     add_site_arguments(parser)
     actions = parser.add_argument_group("actions")
@@ -89,8 +114,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     actions.add_argument("--simulator-threads", type=int, default=2, help="simulate: sites running at once")
     actions.add_argument("--startup-kit", default=None, help="submit: the admin startup kit folder")
     actions.add_argument(
-        "--username", default=None, help="submit: the admin identity of the kit (default: the kit folder's name)"
+        "--username",
+        default=None,
+        help="submit (required): the admin identity of the kit, e.g. admin@coordinator.example.org; checked "
+        "against the kit before anything is exported",
     )
+    actions.add_argument(
+        "--connect-timeout-s",
+        type=float,
+        default=CONNECT_TIMEOUT_S,
+        help="submit: how long to try to reach the FL server (default: %(default)s)",
+    )
+    wants_real, _ = parser.parse_known_args(argv)
+    if wants_real.real:  # the real job's own defaults; an option given on the command line still wins
+        parser.set_defaults(rounds=REAL_ROUNDS, **REAL_TRAINING)
     return parser.parse_args(argv)
 
 
@@ -108,11 +145,13 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         "round_timeout_s": args.round_timeout_s,
         "straggler_wait_s": args.straggler_wait_s,
         "process_per_round": args.real if args.process_per_round is None else args.process_per_round,
+        "tracking": args.tracking,
     }
     if args.real:
         weights = args.weights if args.weights != STANDIN else f"${WEIGHTS_ENV}"
         real = real_site_settings(weights, args.cinema_config, args.backbone)
-        return FederationConfig(site=site_config_from_arguments(args, **real), **federation)
+        backbone = {name: real[name] for name in ("weights", "cinema_config", "backbone")}
+        return FederationConfig(site=site_config_from_arguments(args, **backbone), **federation)
     return FederationConfig(site=site_config_from_arguments(args), **federation)
 
 
@@ -144,30 +183,62 @@ def poc(config: FederationConfig, workspace: str, export_options: dict[str, bool
     return 0 if result["status"] == "FINISHED:COMPLETED" else 1
 
 
-def submit(config: FederationConfig, startup_kit: str, username: str, export_options: dict[str, bool]) -> str:
-    """Export the job and submit the folder to a provisioned network through the admin startup kit."""
+def submit(
+    config: FederationConfig, kit: AdminKit, username: str, export_options: dict[str, bool], timeout: float
+) -> str:
+    """Export the job and submit the folder to a provisioned network through the admin startup kit; a server that
+    cannot be reached, or that refuses the admin, is one line and exit status 1."""
     with tempfile.TemporaryDirectory(prefix="med_duallora_submit.") as out:
-        job_id = submit_folder(export_job(config, out, **export_options), os.path.abspath(startup_kit), username)
+        job_dir = export_job(config, out, **export_options)
+        try:
+            job_id = submit_folder(job_dir, kit.folder, username, timeout)
+        except ConnectionError as error:  # NVFlare's NoConnection
+            raise SystemExit(
+                f"error: cannot reach the FL server at {kit.server} from startup kit {kit.folder}: {error}"
+            ) from None
+        except (AuthenticationError, AuthorizationError) as error:
+            raise SystemExit(
+                f"error: the FL server at {kit.server} refused {username} of startup kit {kit.folder}: {error}"
+            ) from None
     print(f"submitted job {job_id}")
     return job_id
 
 
+def admin_kit(args: argparse.Namespace) -> AdminKit:
+    """The startup kit of a submission, checked before anything is exported: a kit, its admin named (--username)
+    and matching it, and the job chosen on purpose (--real or --demo)."""
+    if not args.startup_kit:
+        raise SystemExit("error: submit needs --startup-kit: the admin startup kit of the provisioned project")
+    if not args.username:
+        raise SystemExit("error: submit needs --username: the admin identity of the startup kit")
+    if not (args.real or args.demo):
+        raise SystemExit("error: submit needs --real (the CineMA job) or --demo (the micro CPU demo job, on purpose)")
+    try:
+        kit = AdminKit.read(args.startup_kit)
+        kit.check_user(args.username)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    return kit
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    kit = admin_kit(args) if args.action == "submit" else None
     config = config_from_args(args)
     export_options = {"byoc": args.byoc, "site_installed": args.site_installed}
-    if args.action == "export":
-        print(export_job(config, args.out, **export_options))
-        return 0
     workspace = args.workspace or f"runs/{args.action}"
-    if args.action == "simulate":
-        return simulate(config, workspace, args.simulator_threads, export_options)
-    if args.action == "poc":
-        return poc(config, workspace, export_options)
-    if not args.startup_kit:
-        raise SystemExit("submit needs --startup-kit: the admin startup kit of the provisioned project")
-    submit(config, args.startup_kit, args.username or Path(args.startup_kit).resolve().name, export_options)
-    return 0
+    try:
+        if args.action == "export":
+            print(export_job(config, args.out, **export_options))
+            return 0
+        if args.action == "simulate":
+            return simulate(config, workspace, args.simulator_threads, export_options)
+        if args.action == "poc":
+            return poc(config, workspace, export_options)
+        submit(config, kit, args.username, export_options, args.connect_timeout_s)
+        return 0
+    except TrackingUnavailable as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

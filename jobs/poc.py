@@ -17,9 +17,12 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from nvflare.fuel.flare_api.flare_api import new_secure_session
 
 from jobs.privacy import install_site_privacy, install_site_security
@@ -35,6 +38,8 @@ COORDINATOR = "coordinator"
 SERVER_HOST = "127.0.0.1"
 FAILED_TO_RUN = "FINISHED:FAILED_TO_RUN"
 """The status of a job that no site would deploy (e.g. custom code a site's authorization refuses)."""
+CONNECT_TIMEOUT_S = 10.0
+"""How long a submission tries to reach the server (NVFlare's default for a Flare API session)."""
 
 
 def free_port() -> int:
@@ -74,9 +79,58 @@ class JobFailed(RuntimeError):
         self.status = status
 
 
-def submit_folder(job_dir: str | Path, startup_kit: str | Path, username: str) -> str:
-    """Submit an exported job folder through an admin startup kit (NVFlare's Flare API session); the job id."""
-    session = new_secure_session(username, str(startup_kit))
+@dataclass(frozen=True)
+class AdminKit:
+    """An admin startup kit: whose it is and which server it reaches (`startup/fed_admin.json`, the CN of
+    `startup/client.crt`)."""
+
+    folder: Path
+    username: str
+    certificate_name: str
+    host: str
+    port: int | str
+
+    @classmethod
+    def read(cls, folder: str | Path) -> AdminKit:
+        """The kit in `folder`; FileNotFoundError when it holds no admin startup kit."""
+        folder = Path(folder).resolve()
+        config_file, certificate_file = folder / "startup" / "fed_admin.json", folder / "startup" / "client.crt"
+        for path in (config_file, certificate_file):
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder} is not an admin startup kit: no startup/{path.name}")
+        admin = json.loads(config_file.read_text(encoding="utf-8")).get("admin", {})
+        certificate = x509.load_pem_x509_certificate(certificate_file.read_bytes())
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return cls(
+            folder=folder,
+            username=str(admin.get("username", "")),
+            certificate_name=str(names[0].value) if names else "",
+            host=str(admin.get("host", "?")),
+            port=admin.get("port", admin.get("admin_port", "?")),
+        )
+
+    @property
+    def server(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def check_user(self, username: str) -> None:
+        """ValueError (one line naming both) unless `username` is the kit's admin, by its configuration and its
+        certificate."""
+        if username == self.certificate_name and self.username in ("", username):
+            return
+        if self.username and self.username != self.certificate_name:
+            owner = f"fed_admin.json says {self.username!r} and client.crt {self.certificate_name!r}"
+        else:
+            owner = f"which is {self.certificate_name!r} (startup/fed_admin.json, the CN of startup/client.crt)"
+        raise ValueError(f"--username {username!r} does not match the startup kit {self.folder}, {owner}")
+
+
+def submit_folder(
+    job_dir: str | Path, startup_kit: str | Path, username: str, timeout: float = CONNECT_TIMEOUT_S
+) -> str:
+    """Submit an exported job folder through an admin startup kit (NVFlare's Flare API session, which gives up
+    reaching the server after `timeout` seconds with NoConnection, a ConnectionError); the job id."""
+    session = new_secure_session(username, str(startup_kit), timeout=timeout)
     try:
         return session.submit_job(str(Path(job_dir).resolve()))
     finally:

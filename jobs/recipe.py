@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -25,6 +28,7 @@ from custom.comm import PayloadMeter
 from custom.filters import SharedKeysOnly
 from jobs.flare_private import PolicyFedAvgRecipe, ship_packages
 from jobs.site_installed import make_site_installed
+from models import loading
 from models.atomic_io import torch_save_atomic, write_text_atomic
 from models.policy import SharingPolicy
 from models.protocol import SITES, WEIGHTS_ENV
@@ -45,6 +49,13 @@ INITIAL_CHECKPOINT = "ckpt/init_global_adapters.pt"
 BYOC_DIR = "byoc"
 WEIGHT_TASKS = ["train", "validate"]
 TASK_REQUEST_INTERVAL_S = 0.5  # how soon a site asks again when no task is ready (NVFlare's default: 2 s)
+TRACKING_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+"""The server's experiment tracking choices (NVFlare's receivers) and the package each needs: on the server, which
+runs the receiver, and where the job is exported (NVFlare builds the receiver there)."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The chosen experiment tracking's package is not installed where the job is exported."""
 
 
 @dataclass
@@ -73,6 +84,14 @@ class FederationConfig:
     """Each task runs in a fresh site process (NVFlare's external process, launched per task): a site whose
     process dies (the OOM killer, a SIGKILL) misses that round only and rejoins the next with its saved local
     state. Costs one interpreter start-up per round; `python3` on the site's PATH must have med-duallora."""
+    tracking: str = "tensorboard"
+    """The server's experiment tracking (TRACKING_PACKAGES): TensorBoard event files in `<server run>/tb_events/`,
+    or MLflow (a SQLite store, `mlflow.db`, in the server's job result folder). Byte accounting (custom.comm) writes
+    TensorBoard files either way."""
+
+    def __post_init__(self) -> None:
+        if self.tracking not in TRACKING_PACKAGES:
+            raise ValueError(f"tracking {self.tracking!r}: choose one of {sorted(TRACKING_PACKAGES)}")
 
     @classmethod
     def for_method(
@@ -91,6 +110,7 @@ class FederationConfig:
         round_timeout_s: int = 3600,
         straggler_wait_s: int = 600,
         process_per_round: bool = False,
+        tracking: str = "tensorboard",
         **site_settings: Any,
     ) -> FederationConfig:
         """The run of `method`; `site_settings` are SiteConfig fields (local_epochs, weights, adapter, ...)."""
@@ -107,6 +127,7 @@ class FederationConfig:
             round_timeout_s=round_timeout_s,
             straggler_wait_s=straggler_wait_s,
             process_per_round=process_per_round,
+            tracking=tracking,
         )
 
     @property
@@ -132,13 +153,26 @@ class FederationConfig:
         return dataclasses.replace(self, **own)
 
 
+REAL_ROUNDS = 20
+"""Rounds of the real job: tens of rounds of a few local epochs (CineMA's federated fine-tuning, reference notes)."""
+REAL_TRAINING: dict[str, Any] = {
+    "local_epochs": 2,
+    "batch_size": 4,
+    "grad_ckpt": True,
+    "num_workers": 2,
+    "threads": 0,
+}
+"""The real job's training settings at each site, for CineMA-base on a GPU: CineMA's fine-tuning batch of 4,
+activation checkpointing, loader workers for the augmentation, torch's own thread count (README "Real runs")."""
+
+
 def real_site_settings(
     weights: str = f"${WEIGHTS_ENV}", cinema_config: str | None = None, backbone: str | None = None
 ) -> dict[str, Any]:
     """The sites' settings of the CineMA configuration: pretrained weights at every site (CineMA-base unless a
-    config.yaml or `backbone` says otherwise), torch's own thread count."""
+    config.yaml or `backbone` says otherwise) and REAL_TRAINING."""
     backbone = None if cinema_config else backbone or "base"
-    return {"weights": weights, "cinema_config": cinema_config, "backbone": backbone, "threads": 0}
+    return {"weights": weights, "cinema_config": cinema_config, "backbone": backbone, **REAL_TRAINING}
 
 
 def real_config(
@@ -147,27 +181,56 @@ def real_config(
     """The CineMA configuration (`real_site_settings`, each round in a fresh site process) of a run; `changes` are
     FederationConfig.for_method's."""
     changes.setdefault("process_per_round", True)
+    changes.setdefault("rounds", REAL_ROUNDS)
     return FederationConfig.for_method(**real_site_settings(weights, cinema_config), **changes)
 
 
 def initial_global_state(config: FederationConfig) -> dict[str, torch.Tensor]:
     """The shared entries of a freshly built site model: what the server starts from (adapters and head only).
 
-    Built exactly as a site builds its model. The backbone weights are only read when they exist here, so that
-    a fine-tuned checkpoint's head is the starting head; the adapters never depend on them.
+    Built exactly as a site builds its model. The adapters never depend on the backbone weights (A drawn per module
+    from the adapter seed, B = 0), nor does the head of a pretrained CineMA (MAE) checkpoint, which carries none:
+    the head is the seeded fresh one. Weights that are not here (`$MED_DUALLORA_WEIGHTS`, resolved at each site)
+    are then replaced by a random backbone of the same shape, without the random-backbone alarm. Only a fine-tuned
+    checkpoint (`cinema_config`) brings a head of its own: read where it exists, so that it is the starting head.
     """
     site, policy = config.site_config, config.policy
-    if site.weights not in (STANDIN, RANDOM) and not os.path.isfile(os.path.expandvars(site.weights)):
-        if policy.full_blocks:
-            raise FileNotFoundError(
-                f"policy {policy.name} shares backbone blocks: its initial global model needs the weights, but "
-                f"{site.weights!r} is not readable here; export where the pretrained weights are"
-            )
-        if policy.share_head:
-            message = f"{site.weights!r} is not readable here: the shared head starts from a fresh initialisation"
-            warnings.warn(message, stacklevel=2)
-        site = site.replace(weights=RANDOM)
-    return site.build_module().shared_state_dict()
+    if site.weights in (STANDIN, RANDOM) or os.path.isfile(os.path.expandvars(site.weights)):
+        return site.build_module().shared_state_dict()
+    if policy.full_blocks:
+        raise FileNotFoundError(
+            f"policy {policy.name} shares backbone blocks: its initial global model needs the weights, but "
+            f"{site.weights!r} is not readable here; export where the pretrained weights are"
+        )
+    if policy.share_head and site.cinema_config:
+        message = (
+            f"{site.weights!r} is not readable here: the shared head starts from a fresh initialisation, not from "
+            "the fine-tuned checkpoint's head; export where the weights are to start from it"
+        )
+        warnings.warn(message, stacklevel=2)
+    else:
+        shared = "adapters and head" if policy.share_head else "adapters"
+        print(f"weights: {site.weights} is resolved at each site; the initial {shared} do not depend on it")
+    with _random_backbone_scaffold():
+        return site.replace(weights=RANDOM).build_module().shared_state_dict()
+
+
+@contextlib.contextmanager
+def _random_backbone_scaffold() -> Iterator[None]:
+    """Silence models.loading's random-backbone alarm (warning and log record) while a random backbone serves only
+    as the scaffold the initial adapters and head are built on."""
+
+    def not_the_alarm(record: logging.LogRecord) -> bool:
+        return loading.NO_WEIGHTS_MESSAGE not in record.getMessage()
+
+    loading_logger = logging.getLogger(loading.__name__)
+    loading_logger.addFilter(not_the_alarm)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape(loading.NO_WEIGHTS_MESSAGE))
+            yield
+    finally:
+        loading_logger.removeFilter(not_the_alarm)
 
 
 def resumed_global_state(config: FederationConfig) -> dict[str, torch.Tensor]:
@@ -198,6 +261,7 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
         start_round=config.start_round,
         round_timeout_s=config.round_timeout_s,
         straggler_wait_s=config.straggler_wait_s,
+        model_spec=config.site.model_spec(),
         fedprox_mu=config.site.proximal_mu if shares_everything_trained and config.site.proximal_mu else None,
         name=config.job_name,
         min_clients=config.min_clients,
@@ -225,7 +289,7 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
     recipe.add_client_output_filter(SharedKeysOnly(policy), tasks=WEIGHT_TASKS)
     recipe.add_server_input_filter(PayloadMeter("up"), tasks=["train"])
     recipe.add_server_output_filter(PayloadMeter("down"), tasks=["train"])
-    add_experiment_tracking(recipe, "tensorboard")
+    add_experiment_tracking(recipe, config.tracking)
     return recipe
 
 
@@ -268,10 +332,12 @@ def export_job(
     """Write `<out_dir>/<job name>/`, replacing any earlier export atomically; returns its path.
 
     `site_installed`: the sites' app carries no code and runs the med-duallora each site installed
-    (jobs.site_installed), for sites that allow custom code only from their own staff.
+    (jobs.site_installed), for sites that allow custom code only from their own staff. TrackingUnavailable when
+    the tracking's package is not installed here.
     """
     if site_installed and (byoc or train_script):
         raise ValueError("a site-installed job ships no code: it cannot take --byoc or a training script")
+    require_tracking(config.tracking)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{config.job_name}.", dir=out_dir))
@@ -290,6 +356,16 @@ def export_job(
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def require_tracking(tracking: str) -> None:
+    """TrackingUnavailable (one line) unless the package of `tracking` is installed here."""
+    package = TRACKING_PACKAGES[tracking]
+    if importlib.util.find_spec(package) is None:
+        raise TrackingUnavailable(
+            f"--tracking {tracking} needs {package} on the FL server (its receiver runs there) and where the job is "
+            f"exported, and it is not installed here: pip install {package}"
+        )
 
 
 def _sort_task_lists(config_file: Path) -> None:

@@ -1,11 +1,12 @@
-"""The one simulator runner: `nvflare simulator` with round progress, a stall watchdog, retries, and a completion
-check from the run's artifacts (the simulator's exit code is unreliable). The demo, the tests, `jobs/job.py
-simulate` and the benchmark all run jobs through it."""
+"""The one simulator runner: `nvflare simulator` with round and epoch progress, a stall watchdog, a port-clash
+detector, retries, and a completion check from the run's artifacts (the simulator's exit code is unreliable). The
+demo, the tests, `jobs/job.py simulate` and the benchmark all run jobs through it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,15 +19,37 @@ from typing import Any
 import torch
 
 from jobs.processes import stop_processes_in
-from models.protocol import AUDIT_FILE, COMM_DIR, GLOBAL_MODEL_FILE, SITES, TEST_METRICS_FILE
+from models.protocol import (
+    AUDIT_FILE,
+    COMM_DIR,
+    GLOBAL_MODEL_DIR,
+    GLOBAL_MODEL_FILE,
+    NO_GLOBAL_MODEL_FILE,
+    PERSONALISED_MODEL_DIR,
+    PROGRESS_MARK,
+    SITES,
+    TEST_METRICS_FILE,
+)
 
 SIMULATOR_JOB = "simulate_job"
+EPOCH_OF_LINE = re.compile(r"  epoch (\d+)/(\d+)\b")
+"""`epoch E/N` in a SiteProgress.describe line."""
 FINISHED_MARK = "Finished FedAvg."
 ROUND_MARK = "Round "
 POLL_SECONDS = 2.0
 STALL_SECONDS = 240.0
-"""A simulator whose output and server log stay unchanged this long is stuck (e.g. a site worker lost to a port
-clash, `OSError: [Errno 98] Address already in use`, while the server waits for every site) and is stopped."""
+"""A simulator whose output and server log stay unchanged this long is stuck (e.g. the server waiting for a site
+lost to a fault nobody reported) and is stopped."""
+PORT_CLASH = "port clash"
+"""Starts the stop reason of a run lost to a port clash (`SimulatorRun.port_clash`). NVFlare's simulator picks a
+free port for each site worker, releases it, and the worker binds it moments later: another process may take it
+in between (`OSError: [Errno 98] Address already in use`), the site never starts, and the server waits for it. The
+clash is transient: `run_simulator` starts such a run again."""
+PORT_CLASH_SIGNATURES = ("Address already in use", "Failed to create connection to the child process")
+"""Lines of the simulator's output that mean a port clash (the worker's bind error; the simulator giving up on
+reaching the worker)."""
+PORT_CLASH_ATTEMPTS = 2
+"""How many times in all `run_simulator` runs a job whose runs are lost to port clashes."""
 
 
 @dataclass
@@ -38,7 +61,12 @@ class SimulatorRun:
     returncode: int
     seconds: float
     stopped: str = ""
-    """Why the runner stopped the simulator (stalled, timed out); empty when it ended by itself."""
+    """Why the runner stopped the simulator (port clash, stalled, timed out); empty when it ended by itself."""
+
+    @property
+    def port_clash(self) -> bool:
+        """Whether the run was lost to a port clash (transient: worth running again)."""
+        return self.stopped.startswith(PORT_CLASH)
 
     @property
     def server_dir(self) -> Path:
@@ -61,8 +89,9 @@ class SimulatorRun:
         return lines
 
     def problems(self) -> list[str]:
-        """Why the run did not complete; empty when the global model, the end of training and every site's
-        test metrics are there, the runner did not stop it, and no log holds an error."""
+        """Why the run did not complete; empty when the global model, the end of training, every site's test
+        metrics and exported model, and the server's exported global model (or its note saying why there is none)
+        are there, the runner did not stop it, and no log holds an error."""
         found = [self.stopped] if self.stopped else []
         if not self.global_model_path.is_file():
             found.append(f"no {GLOBAL_MODEL_FILE} on the server")
@@ -70,6 +99,15 @@ class SimulatorRun:
             found.append(f"server log lacks {FINISHED_MARK!r}")
         missing = [site for site in self.sites if not self.test_metrics_path(site).is_file()]
         found += [f"{site}: no {TEST_METRICS_FILE}" for site in missing]
+        unexported = [
+            site for site in self.sites if not (self.personalised_model_dir(site) / "metadata.json").is_file()
+        ]
+        found += [f"{site}: no {PERSONALISED_MODEL_DIR}/" for site in unexported]
+        if (
+            not (self.global_model_dir / "metadata.json").is_file()
+            and not (self.server_dir / NO_GLOBAL_MODEL_FILE).is_file()
+        ):
+            found.append(f"no {GLOBAL_MODEL_DIR}/ (nor {NO_GLOBAL_MODEL_FILE}) on the server")
         return found + self.error_lines()
 
     def test_metrics_path(self, site: str) -> Path:
@@ -90,6 +128,15 @@ class SimulatorRun:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     @property
+    def global_model_dir(self) -> Path:
+        """The server's exported global model (models.export format; absent for policies without one)."""
+        return self.server_dir / GLOBAL_MODEL_DIR
+
+    def personalised_model_dir(self, site: str) -> Path:
+        """A site's exported personalised model (models.export format)."""
+        return self.site_dir(site) / PERSONALISED_MODEL_DIR
+
+    @property
     def global_model_path(self) -> Path:
         return self.server_dir / "app_server" / GLOBAL_MODEL_FILE
 
@@ -98,18 +145,135 @@ class SimulatorRun:
         return dict(saved["model"])
 
 
+def round_started(line: str) -> int | None:
+    """The round (0-based) a server log line says started, None for any other line."""
+    position = line.find(ROUND_MARK)
+    if position < 0 or not line.rstrip(" -").endswith("started."):
+        return None
+    number = line[position + len(ROUND_MARK) :].split(" ", 1)[0]
+    return int(number) if number.isdigit() else None
+
+
 def latest_round(server_log: Path) -> int | None:
     """The last round the server log says it started (0-based), None before the first."""
     if not server_log.is_file():
         return None
-    latest = None
-    for line in server_log.read_text(encoding="utf-8", errors="replace").splitlines():
-        position = line.find(ROUND_MARK)
-        if position >= 0 and line.rstrip(" -").endswith("started."):
-            number = line[position + len(ROUND_MARK) :].split(" ", 1)[0]
-            if number.isdigit():
-                latest = int(number)
-    return latest
+    started = [round_started(line) for line in server_log.read_text(encoding="utf-8", errors="replace").splitlines()]
+    return max((number for number in started if number is not None), default=None)
+
+
+@dataclass(frozen=True)
+class SiteProgress:
+    """One training epoch of a site, from the PROGRESS_MARK line the site prints after it."""
+
+    site: str
+    round: int
+    """NVFlare's round number (0-based)."""
+    epoch: int
+    """The epoch just finished (1-based), of `epochs`."""
+    epochs: int
+    train_loss: float | None = None
+
+    def describe(self, rounds: int | str) -> str:
+        """`round 3/5  ge  epoch 3/20  train_loss 0.531` (rounds 1-based, as the round lines)."""
+        line = f"round {self.round + 1}/{rounds}  {self.site}  epoch {self.epoch}/{self.epochs}"
+        return line if self.train_loss is None else f"{line}  train_loss {self.train_loss:.3f}"
+
+
+def parse_progress(line: str) -> SiteProgress | None:
+    """The SiteProgress of a line holding PROGRESS_MARK (after any log prefix; `key=value` fields other than
+    site, round, epoch=E/N and train_loss are ignored); None for any other line or a malformed one."""
+    _, mark, rest = line.partition(PROGRESS_MARK)
+    if not mark:
+        return None
+    fields = dict(token.split("=", 1) for token in rest.split() if "=" in token)
+    try:
+        epoch, _, epochs = fields["epoch"].partition("/")
+        loss = fields.get("train_loss")
+        return SiteProgress(
+            fields["site"], int(fields["round"]), int(epoch), int(epochs), None if loss is None else float(loss)
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+class LogTail:
+    """Follows a growing log file: each call reads only the bytes added since the last one."""
+
+    def __init__(self, path: Path, skip_existing: bool = False):
+        """`skip_existing`: ignore what the file holds now (a previous run's log, about to be replaced)."""
+        self.path = path
+        self.offset = 0
+        self._identity: tuple[int, int] | None = None
+        self._partial = b""
+        if skip_existing and path.is_file():
+            status = path.stat()
+            self.offset, self._identity = status.st_size, (status.st_dev, status.st_ino)
+
+    def new_lines(self, final: bool = False) -> list[str]:
+        """The complete lines added since the last call (and, when `final`, an unfinished last line); the file is
+        read again from its start when it was replaced or truncated."""
+        try:
+            with open(self.path, "rb") as handle:
+                status = os.fstat(handle.fileno())
+                if (status.st_dev, status.st_ino) != self._identity or status.st_size < self.offset:
+                    self.offset, self._identity, self._partial = 0, (status.st_dev, status.st_ino), b""
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            data = b""
+        self.offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if final and self._partial:
+            lines.append(self._partial)
+            self._partial = b""
+        return [line.decode("utf-8", errors="replace") for line in lines]
+
+
+class RunMonitor:
+    """What `watch` reads from a running simulator: rounds from the server log, the sites' epochs (one report per
+    site, round and epoch) and port clashes from the simulator's output."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        workspace: Path,
+        on_round: Callable[[int], None] | None = None,
+        on_progress: Callable[[SiteProgress], None] | None = None,
+    ):
+        self.output = LogTail(log_path)
+        self.server_log = LogTail(workspace / "server" / "log.txt", skip_existing=True)
+        self.on_round = on_round
+        self.on_progress = on_progress
+        self.port_clash_line = ""
+        self._round = -1
+        self._epochs: set[tuple[str, int, int]] = set()
+
+    def read(self, final: bool = False) -> bool:
+        """Read what both logs gained and report it; whether they grew."""
+        before = (self.output.offset, self.server_log.offset)
+        for line in self.output.new_lines(final):
+            self._output_line(line)
+        for line in self.server_log.new_lines(final):
+            self._server_line(line)
+        return (self.output.offset, self.server_log.offset) != before
+
+    def _output_line(self, line: str) -> None:
+        if not self.port_clash_line and any(signature in line for signature in PORT_CLASH_SIGNATURES):
+            self.port_clash_line = line.strip()
+        progress = parse_progress(line)
+        if progress is None or (progress.site, progress.round, progress.epoch) in self._epochs:
+            return
+        self._epochs.add((progress.site, progress.round, progress.epoch))
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+    def _server_line(self, line: str) -> None:
+        started = round_started(line)
+        if started is not None and started > self._round:
+            self._round = started
+            if self.on_round is not None:
+                self.on_round(started)
 
 
 def watch(
@@ -120,39 +284,61 @@ def watch(
     stall_seconds: float = STALL_SECONDS,
     timeout: float | None = None,
     on_round: Callable[[int], None] | None = None,
+    on_progress: Callable[[SiteProgress], None] | None = None,
 ) -> tuple[int, str]:
-    """Run `command` with its output in `log_path`, calling `on_round(r)` when the server starts round r.
+    """Run `command` with its output in `log_path`, calling `on_round(r)` when the server starts round r and
+    `on_progress` once per site, round and epoch the sites report. Both logs are read as they grow, never again.
 
-    Returns (exit code, why it was stopped or ""). A run whose output and server log stay unchanged for
-    `stall_seconds`, or that outlives `timeout`, is stopped with every process working in `workspace`.
+    Returns (exit code, why it was stopped or ""). A run whose output shows a port clash is stopped at once (the
+    reason starts with PORT_CLASH); one whose output and server log stay unchanged for `stall_seconds`, or that
+    outlives `timeout`, is stopped too, always with every process working in `workspace`.
     """
-    server_log = workspace / "server" / "log.txt"
-    reported = -1
+    monitor = RunMonitor(log_path, workspace, on_round, on_progress)
     start = last_change = time.monotonic()
-    last_sizes = None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
         while process.poll() is None:
             time.sleep(POLL_SECONDS)
-            latest = latest_round(server_log)
-            if on_round is not None and latest is not None and latest > reported:
-                reported = latest
-                on_round(latest)
-            sizes = tuple(path.stat().st_size if path.exists() else -1 for path in (log_path, server_log))
-            if sizes != last_sizes:
-                last_sizes, last_change = sizes, time.monotonic()
-            reason = ""
-            if time.monotonic() - last_change > stall_seconds:
-                reason = f"the simulator made no progress for {stall_seconds:.0f} s; see {log_path}"
-            elif timeout is not None and time.monotonic() - start > timeout:
-                reason = f"the simulator ran past {timeout:.0f} s; see {log_path}"
+            if monitor.read():
+                last_change = time.monotonic()
+            reason = _stop_reason(monitor, log_path, start, last_change, stall_seconds, timeout)
             if reason:
-                process.kill()
-                process.wait()
-                stop_processes_in(workspace)
+                _stop(process, workspace)
                 return process.returncode, reason
-    return process.returncode, ""
+    monitor.read(final=True)
+    return process.returncode, _port_clash_reason(monitor, log_path)
+
+
+def _stop_reason(
+    monitor: RunMonitor, log_path: Path, start: float, last_change: float, stall_seconds: float, timeout: float | None
+) -> str:
+    """Why a running simulator must be stopped now (port clash, stall, timeout), or ""."""
+    now = time.monotonic()
+    if monitor.port_clash_line:
+        return _port_clash_reason(monitor, log_path)
+    if now - last_change > stall_seconds:
+        return f"the simulator made no progress for {stall_seconds:.0f} s; see {log_path}"
+    if timeout is not None and now - start > timeout:
+        return f"the simulator ran past {timeout:.0f} s; see {log_path}"
+    return ""
+
+
+def _port_clash_reason(monitor: RunMonitor, log_path: Path) -> str:
+    """The stop reason of a port clash the output showed ("" when it showed none)."""
+    if not monitor.port_clash_line:
+        return ""
+    return (
+        f"{PORT_CLASH}: a site worker could not take the port NVFlare picked for it (another process took it "
+        f"first): {monitor.port_clash_line[:200]!r}; see {log_path}"
+    )
+
+
+def _stop(process: subprocess.Popen, workspace: Path) -> None:
+    """Kill the simulator and end every process working in its workspace."""
+    process.kill()
+    process.wait()
+    stop_processes_in(workspace)
 
 
 def nvflare_executable() -> str:
@@ -167,13 +353,26 @@ def nvflare_executable() -> str:
 def simulator_command(
     job_dir: str | Path, workspace: Path, sites: Sequence[str], threads: int, env: dict[str, str] | None
 ) -> tuple[list[str], dict[str, str]]:
-    """`nvflare simulator JOB -w WS -c SITES -t THREADS` and its environment: this one with `env` on top, and this
-    interpreter's environment first on PATH (the sites' processes import our packages from it)."""
+    """`nvflare simulator JOB -w WS -c SITES -t THREADS` and its environment: this one with `env` on top, this
+    interpreter's environment first on PATH (the sites' processes import our packages from it), and unbuffered
+    Python output unless the environment says otherwise."""
     command = [nvflare_executable(), "simulator", str(job_dir), "-w", str(workspace)]
     command += ["-c", ",".join(sites), "-t", str(threads)]
-    full_env = {**os.environ, **(env or {})}
+    full_env = {"PYTHONUNBUFFERED": "1", **os.environ, **(env or {})}  # sites' lines reach the output as printed
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     return command, full_env
+
+
+def last_epochs_only(say: Callable[[str], None]) -> Callable[[str], None]:
+    """A `run_simulator` progress callback passing every line but the epoch lines, of which only each site's last
+    epoch of a round (the demo and the benchmark: a line per site and round, not per epoch)."""
+
+    def filtered(line: str) -> None:
+        epoch = EPOCH_OF_LINE.search(line)
+        if epoch is None or epoch.group(1) == epoch.group(2):
+            say(line)
+
+    return filtered
 
 
 def run_simulator(
@@ -188,30 +387,41 @@ def run_simulator(
     progress: Callable[[str], None] | None = None,
     attempts: int = 1,
     clear_before_retry: Sequence[Path] = (),
+    port_clash_attempts: int = PORT_CLASH_ATTEMPTS,
 ) -> SimulatorRun:
     """`nvflare simulator JOB -w WS -c SITES -t THREADS` with extra environment, watched (`watch`); its output goes
-    to `log_file` (default `<workspace>.log`). `progress` receives a line per round started. A run that does not
-    complete (`SimulatorRun.problems`) is tried again in a fresh workspace (and with `clear_before_retry`, e.g. the
-    sites' state folder, removed), `attempts` times in all."""
+    to `log_file` (default `<workspace>.log`). `progress` receives a line per round started and one per site and
+    training epoch (`SiteProgress.describe`), and a line for each retry.
+
+    A run that does not complete (`SimulatorRun.problems`) is tried again in a fresh workspace, with
+    `clear_before_retry` (e.g. the sites' state folder) removed and the failed attempt's output kept as
+    `<log_file>.attemptN`: up to `port_clash_attempts` times in all when it was lost to a port clash (transient),
+    `attempts` times in all otherwise (default 1: no retry).
+    """
     workspace = Path(workspace).resolve()
     log_path = Path(log_file) if log_file else workspace.with_name(workspace.name + ".log")
     command, full_env = simulator_command(job_dir, workspace, sites, threads, env)
     rounds = _rounds_of(Path(job_dir))
+    say = progress or (lambda line: None)
 
     def on_round(latest: int) -> None:
-        if progress is not None:
-            progress(f"round {latest + 1}/{rounds} started")
+        say(f"round {latest + 1}/{rounds} started")
+
+    def on_progress(site_progress: SiteProgress) -> None:
+        say(site_progress.describe(rounds))
 
     attempt = 1
     while True:
         start = time.monotonic()
-        returncode, stopped = watch(command, full_env, log_path, workspace, stall_seconds, timeout, on_round)
+        returncode, stopped = watch(
+            command, full_env, log_path, workspace, stall_seconds, timeout, on_round, on_progress
+        )
         run = SimulatorRun(workspace, tuple(sites), returncode, time.monotonic() - start, stopped)
         problems = run.problems()
-        if not problems or attempt >= attempts:
+        allowed = max(attempts, port_clash_attempts) if run.port_clash else attempts
+        if not problems or attempt >= allowed:
             return run
-        if progress is not None:
-            progress(f"attempt {attempt} did not complete ({problems[0]}); starting again in a fresh workspace")
+        say(f"attempt {attempt} did not complete ({problems[0]}); starting again in a fresh workspace")
         log_path.rename(log_path.with_name(f"{log_path.name}.attempt{attempt}"))
         for folder in (workspace, *clear_before_retry):
             shutil.rmtree(folder, ignore_errors=True)
@@ -219,9 +429,11 @@ def run_simulator(
 
 
 def _rounds_of(job_dir: Path) -> int | str:
-    """The job's round count, from its server config ("?" when it cannot be read)."""
+    """The job's last round, 1-based: its start round plus its round count, from its server config ("?" when it
+    cannot be read)."""
     try:
-        config = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text(encoding="utf-8"))
-        return int(config["workflows"][0]["args"].get("num_rounds", 5))
-    except (OSError, ValueError, KeyError, IndexError):
+        server_config = next(job_dir.glob("app*/config/config_fed_server.json"))
+        arguments = json.loads(server_config.read_text(encoding="utf-8"))["workflows"][0]["args"]
+        return int(arguments.get("start_round", 0)) + int(arguments.get("num_rounds", 5))
+    except (StopIteration, OSError, ValueError, KeyError, IndexError):
         return "?"

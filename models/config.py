@@ -210,3 +210,20 @@ class _YamlReader:
         if self.get("data.regression_column", None) is not None:
             return 1
         return self.int_value("model.out_chans")
+
+
+CINEMA_SPACING_MM = (1.0, 1.0, 10.0)
+"""CineMA's input voxel size (reference-cinema.md §3): the spacing of a backbone without a config.yaml."""
+
+
+def cinema_yaml_spacing(path: str | Path) -> tuple[float, float, float]:
+    """The input voxel size (mm) a CineMA config.yaml declares (`data.sax.spacing`), CineMA's when absent."""
+    path = Path(path)
+    try:
+        root = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read CineMA config: {err}") from err
+    value = _YamlReader(path, root).get("data.sax.spacing", list(CINEMA_SPACING_MM))
+    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, int | float) for v in value):
+        raise ValueError(f"{path}: field data.sax.spacing must be three numbers (mm), got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))

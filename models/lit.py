@@ -62,6 +62,11 @@ def flatten_metrics(prefix: str, grouped: Mapping[str, Any]) -> dict[str, float]
     return flat
 
 
+DECISION_RULE = (
+    "diseased when P(diseased) > threshold (strictly greater, as models.metrics.detection_metrics calls it)"
+)
+"""How a threshold decides, in evaluation and in `predict_step` alike."""
+
 # Trainer settings shared by every in-process fit (site rounds, pretraining, benches): no logs, checkpoints or bars.
 QUIET_TRAINER_KWARGS: dict[str, object] = {
     "logger": False,
@@ -284,7 +289,7 @@ class DualLoRAClassifier(pl.LightningModule):
         subject_ids = batch.get("subject_id") if self.hparams.cache_train_prefix else None
         logits = self(batch["image"], subject_ids)
         loss = self._loss(logits, self._targets(batch))
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(logits))
         if self._proximal_anchor:
             proximal = self.proximal_term()
             self.log("train_proximal", proximal, batch_size=len(logits))
@@ -296,6 +301,18 @@ class DualLoRAClassifier(pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._eval_step("test", batch)
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int = 0) -> list[dict[str, Any]]:
+        """Per study: `{"study_id", "p_diseased", "diseased"}` at `thresholds["model"]` (DECISION_RULE).
+
+        No prefix cache: a study id is not a subject id, and unlabelled studies are scored once.
+        """
+        p_diseased = self._p_diseased(self(batch["image"]))
+        called = p_diseased > self.thresholds["model"]  # on the float32 tensor, as torchmetrics compares
+        return [
+            {"study_id": str(study), "p_diseased": float(p), "diseased": bool(c)}
+            for study, p, c in zip(batch["study_id"], p_diseased.tolist(), called.tolist(), strict=True)
+        ]
 
     def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> None:
         subject_ids = batch.get("subject_id") if self.hparams.use_prefix_cache else None

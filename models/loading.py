@@ -39,6 +39,8 @@ def load_cinema(weights: str | Path | None, config: str | Path | ConvViTConfig) 
       absent, then the rebuilt sin-cos one is kept);
     - pretrained MAE (`cinema.safetensors`): decoder, mask token, heads, `pos_embed` and other-view keys are
       dropped, the 1-channel first stem conv is repeated over the input frames, the heads stay freshly initialised.
+    A fine-tuned checkpoint whose head has another number of classes (e.g. CineMA's 5-class ACDC model for a binary
+    model) loses its head, with a warning naming the file, the head keys and both shapes; the fresh head stays.
     Any other missing or unexpected key, or a shape mismatch, raises a ValueError naming the key and the file.
     `weights=None` returns a randomly initialised model and warns loudly. Nothing is ever downloaded.
     The model is returned in training mode; call `.eval()` for CineMA-equal inference.
@@ -110,12 +112,57 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _state_from_finetuned(
     checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path
 ) -> dict[str, torch.Tensor]:
-    """Fine-tuned format: every model key must be present (pos_embed may be absent), nothing else."""
+    """Fine-tuned format: every model key must be present (pos_embed may be absent), nothing else; a head with
+    another number of classes is dropped (the model keeps its fresh head), any other shape mismatch is an error."""
     _check_keys(set(checkpoint), set(expected) - {POS_EMBED_KEY}, set(expected), path)
-    _check_shapes(checkpoint, expected, path)
+    body = {key: value for key, value in checkpoint.items() if not key.startswith(HEAD_PREFIX)}
+    _check_shapes(body, expected, path)
+    differing = _head_mismatches(checkpoint, expected)
+    classes = _other_head_classes(checkpoint, expected) if differing else None
+    if classes is not None:
+        found, wanted = classes
+        task = "binary" if wanted == 2 else f"{wanted}-class"
+        logger.warning(
+            "%s: checkpoint head has %d classes, this model %d: the head is dropped and re-initialised for the %s "
+            "task (%s)",
+            path,
+            found,
+            wanted,
+            task,
+            differing,
+        )
+        checkpoint = body
+    elif differing:
+        raise ValueError(f"{path}: shape mismatch for the head, not in its class count alone: {differing}")
     if POS_EMBED_KEY not in checkpoint:
         logger.info("%s has no %s; using the rebuilt sin-cos embedding", path, POS_EMBED_KEY)
     return checkpoint
+
+
+def _head_mismatches(checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """`key: checkpoint (shape), model (shape)` for each head key whose shape differs ("" when none does)."""
+    return "; ".join(
+        f"{key}: checkpoint {tuple(checkpoint[key].shape)}, model {tuple(expected[key].shape)}"
+        for key in sorted(expected)
+        if key.startswith(HEAD_PREFIX) and checkpoint[key].shape != expected[key].shape
+    )
+
+
+def _other_head_classes(
+    checkpoint: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> tuple[int, int] | None:
+    """(checkpoint, model) class counts when every head key differs in its class axis (dim 0) alone, else None."""
+    heads = [key for key in expected if key.startswith(HEAD_PREFIX)]
+    if any(
+        checkpoint[key].ndim != expected[key].ndim or checkpoint[key].shape[1:] != expected[key].shape[1:]
+        for key in heads
+    ):
+        return None
+    found = {checkpoint[key].shape[0] for key in heads}
+    wanted = {expected[key].shape[0] for key in heads}
+    if len(found) != 1 or len(wanted) != 1 or found == wanted:
+        return None
+    return found.pop(), wanted.pop()
 
 
 def _state_from_mae(

@@ -23,6 +23,12 @@ GLOBAL_THRESHOLD_FILE = "global_threshold.json"
 """The global model's pooled validation threshold, beside FL_global_model.pt."""
 GLOBAL_MODEL_FILE = "FL_global_model.pt"
 """NVFlare's persisted global model in the server's app folder."""
+PERSONALISED_MODEL_DIR = "personalised_model"
+"""A site's exported personalised model (models.export format), in its run directory."""
+GLOBAL_MODEL_DIR = "global_model"
+"""The server's exported global model (models.export format), in its run directory."""
+NO_GLOBAL_MODEL_FILE = "NO_GLOBAL_MODEL.md"
+"""What the server writes instead of a global model when the policy's shared parts are not a usable model."""
 COMM_DIR = "comm"
 """The server's byte records (`bytes_up.json`, `bytes_down.json`) in its run directory."""
 STATE_FILE_PATTERN = "private_state_round{:05d}.pt"
@@ -41,9 +47,16 @@ GLOBAL_THRESHOLD_KEY = "global_threshold"
 VAL_HISTOGRAM_KEY = "val_global_histogram"
 """CALIBRATE reply metric: the site's per-class histogram of the global model's validation scores."""
 
+MIN_TRAIN_SUBJECTS = 2
+"""The fewest training subjects a site (or the centralized baseline) trains on; `prepare` warns below it."""
 MIN_SUBJECTS_PER_FIGURE = 5
 """No figure a site sends (a metric, a score histogram, a tracked curve) may describe fewer subjects."""
 METRIC_NAMES = ("bal_acc", "sensitivity", "specificity", "auroc", "mcc", "f1")
 """Disease-detection metrics of every scored model (models.metrics.detection_metrics)."""
 ROUND_METRIC = "val_bal_acc"
 """The per-round curve: balanced accuracy of each site's model validated before local training (TensorBoard tag)."""
+
+# ---- lines a site prints for whoever watches the run ------------------------------------------------------------
+PROGRESS_MARK = "med-duallora progress:"
+"""Starts the line a site prints after each training epoch, e.g.
+`med-duallora progress: site=ge round=2 epoch=3/20 train_loss=0.5312`; `jobs/job.py simulate` shows them."""

@@ -142,11 +142,23 @@ def _site_env(prepared_root: Path, state_root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def simulate_sites(prepared_root: Path) -> Callable[..., SimulatorRun]:
-    """Runs a job folder in the real NVFlare simulator: four vendor sites as 4 threads over `prepared_root`."""
+    """Runs a job folder in the real NVFlare simulator: four vendor sites as 4 threads over `prepared_root`. A run
+    lost to a port clash is run again (run_simulator); the retry clears the sites' state only when it is the
+    fixture's own `root/site_state`, never a `state_root` the caller passes (a resumed run reads an earlier run's)."""
 
     def run(job_dir: Path, root: Path, state_root: Path | None = None) -> SimulatorRun:
-        env = _site_env(prepared_root, state_root or root / "site_state")
-        return run_simulator(job_dir, root / "ws", SITES, threads=4, env=env, timeout=900, log_file=root / "sim.log")
+        own_state = root / "site_state"
+        env = _site_env(prepared_root, state_root or own_state)
+        return run_simulator(
+            job_dir,
+            root / "ws",
+            SITES,
+            threads=4,
+            env=env,
+            timeout=900,
+            log_file=root / "sim.log",
+            clear_before_retry=[] if state_root else [own_state],
+        )
 
     return run
 

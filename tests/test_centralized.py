@@ -7,14 +7,22 @@ import json
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import nibabel as nib
 import numpy as np
 import pytest
 
 from app.centralized import run
+from data_prep.datamodule import VendorDataModule
+from data_prep.prepare import write_prepared
+from data_prep.preprocess import Geometry
+from data_prep.records import LabelRule
+from models.export import load_model
+from models.lit import QUIET_TRAINER_KWARGS
 from models.protocol import DATA_ENV
 
 CONFIG = Path(__file__).resolve().parents[1] / "app" / "configs" / "centralized_micro.yaml"
+STANDIN_CONFIG = CONFIG.with_name("centralized_standin.yaml")
 SHAPE = (64, 64, 8)  # the micro preset's input
 SITES = ("ge", "canon")
 SPLIT_SIZES = {"train": 48, "val": 8, "test": 32}  # per client
@@ -65,6 +73,9 @@ def write_prepared_root(root: Path, seed: int = 0) -> Path:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    write_prepared(
+        root, rows, Geometry(crop=SHAPE[:2], spacing=(3.0, 3.0, 10.0), depth=SHAPE[2]), LabelRule(), 0, (0, 0)
+    )
     return root
 
 
@@ -116,6 +127,51 @@ def test_local_only_baseline_trains_and_tests_one_site(synthetic_root, tmp_path)
     assert report["kind"] == "local_only" and report["trained_on"] == ["ge"]
     assert list(report["test"]["clients"]) == ["ge"] and report["train_samples"] == SPLIT_SIZES["train"]
     assert (tmp_path / "ge.json").is_file()
+
+
+def test_the_centralized_model_is_exported_in_the_federated_format(synthetic_root, tmp_path):
+    """The baseline leaves the same kind of model folder as a federated run: loaded back, it scores the test split
+    exactly as the run did, at the run's pooled validation threshold."""
+    report = run(
+        [
+            f"--config={STANDIN_CONFIG}",  # a backbone with a file: a random one cannot be rebuilt when loading
+            f"--data.root={synthetic_root}",
+            f"--metrics_out={tmp_path / 'metrics.json'}",
+            "--data.clients=[ge]",
+            "--trainer.max_epochs=2",
+        ]
+    )
+    assert report["model"] == str(tmp_path / "model")
+    module = load_model(tmp_path / "model")
+    metadata = module.export_metadata
+    assert (metadata["kind"], metadata["trained_on"], metadata["adapters"]) == ("centralized", ["ge"], ["global"])
+    assert metadata["threshold"] == report["threshold"] and metadata["metrics"]["test"] == report["test"]["pooled"]
+    assert metadata["input_contract"]["spatial_shape"] == list(SHAPE)
+    datamodule = VendorDataModule(synthetic_root, clients=["ge"], batch_size=8, augment=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, **QUIET_TRAINER_KWARGS)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    assert module.eval_results["test"]["pooled"]["auroc"] == pytest.approx(report["test"]["pooled"]["auroc"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("empty", "message"),
+    [("test", "no test subjects"), ("val", "no val subjects"), ("train", "0 training subject")],
+)
+def test_an_unusable_split_stops_the_baseline_before_training(tmp_path, empty, message):
+    """A split that cannot train or score a model is an error naming the manifest, before any epoch runs."""
+    root = write_prepared_root(tmp_path / "prepared")
+    manifest = root / "manifest.csv"
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if not (row["client"] == "ge" and row["split"] == empty)]
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    arguments = [f"--config={CONFIG}", f"--data.root={root}", "--data.clients=[ge]"]
+    with pytest.raises(ValueError, match=message) as raised:
+        run([*arguments, f"--metrics_out={tmp_path / 'm.json'}"])
+    assert str(manifest) in str(raised.value)
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "model").exists()
 
 
 def test_centralized_runs_on_the_prepared_cohort_and_tests_every_vendor(prepared_root, tmp_path):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +23,19 @@ from nvflare.apis.workspace import Workspace
 from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
 from nvflare.private.fed.app.default_app_validator import DefaultAppValidator
 from nvflare.security.security import FLAuthorizer
+from safetensors.torch import save_file
 
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from jobs.job import config_from_args, parse_args
+from jobs.job import main as job_main
 from jobs.privacy import SITE_INSTALLED_CLASSES, SITE_ONLY, site_authorization, site_privacy_policy
 from jobs.privacy import main as privacy_main
 from jobs.recipe import INITIAL_CHECKPOINT, PACKAGES, REPO, FederationConfig, export_job
 from jobs.site_installed import CLIENT_CONFIG, SITE_APP, SITE_EXECUTOR
+from models.config import ConvViTConfig
+from models.loading import NO_WEIGHTS_MESSAGE
 from models.policy import POLICY_NAMES, get_policy
-from models.protocol import SITES
+from models.protocol import SITES, WEIGHTS_ENV
 
 COMMITTED = REPO / "jobs" / "med_duallora"
 
@@ -141,6 +150,24 @@ def test_the_real_configuration_is_cinema_base_with_site_weights(tmp_path):
     checkpoint = torch.load(job / "app" / "custom" / INITIAL_CHECKPOINT, weights_only=True)
     lora_a = [value for key, value in checkpoint.items() if ".lora_A.global." in key]
     assert lora_a and all(value.shape[1] == 768 for value in lora_a)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], {"rounds": 20, "local_epochs": 2, "batch_size": 4, "grad_ckpt": True, "precision": "auto"}),
+        (
+            ["--rounds", "3", "--local-epochs", "5", "--no-grad-ckpt"],
+            {"rounds": 3, "local_epochs": 5, "grad_ckpt": False},
+        ),
+        (["--precision", "32-true", "--batch-size", "1"], {"precision": "32-true", "batch_size": 1}),
+    ],
+)
+def test_the_real_job_has_real_training_defaults_that_options_override(extra, expected):
+    """`--real` is not the demo's 5 rounds x 20 epochs; an option given on the command line still wins."""
+    config = config_from_args(parse_args(["export", "--real", *extra]))
+    found = {name: config.rounds if name == "rounds" else getattr(config.site, name) for name in expected}
+    assert found == expected
 
 
 def test_the_production_project_provisions_the_server_four_sites_and_admins(tmp_path):
@@ -259,3 +286,83 @@ def test_the_committed_site_authorization_keeps_code_and_shell_to_the_site():
     for role, rights in committed["permissions"].items():
         for right in ("byoc", "shell_commands"):
             assert rights.get(right, "none") in ("none", SITE_ONLY), (role, right)
+
+
+def _receivers(job: Path) -> list[str]:
+    _, server = _configs(job)
+    return [component["path"] for component in server["components"] if component["id"] == "receiver"]
+
+
+@pytest.fixture
+def stub_mlflow(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Stands in for MLflow (not installed here: about 80 MB of wheels) with the names NVFlare's receiver module
+    imports; the exporter only builds the receiver's configuration, the server would run it."""
+    stubs = {name: types.ModuleType(name) for name in ("mlflow", "mlflow.entities", "mlflow.tracking")}
+    stubs["mlflow.tracking.client"] = types.ModuleType("mlflow.tracking.client")
+    for name, module in stubs.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    stubs["mlflow.entities"].Metric = stubs["mlflow.entities"].Param = stubs["mlflow.entities"].RunTag = object
+    stubs["mlflow.tracking.client"].MlflowClient = object
+    yield
+    sys.modules.pop("nvflare.app_opt.tracking.mlflow.mlflow_receiver", None)
+
+
+@pytest.mark.parametrize(
+    ("tracking", "receiver"),
+    [
+        ("tensorboard", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver"),
+        ("mlflow", "nvflare.app_opt.tracking.mlflow.mlflow_receiver.MLflowReceiver"),
+    ],
+)
+def test_the_tracking_choice_names_the_servers_receiver(tracking, receiver, tmp_path, request):
+    if tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        request.getfixturevalue("stub_mlflow")
+    config = config_from_args(parse_args(["export", "--tracking", tracking]))
+    assert config.tracking == tracking
+    assert _receivers(export_job(config, tmp_path)) == [receiver]
+
+
+def test_the_default_tracking_is_tensorboard(fresh_export):
+    assert FederationConfig().tracking == "tensorboard" == parse_args(["export"]).tracking
+    assert _receivers(fresh_export) == ["nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver"]
+    with pytest.raises(ValueError, match="tracking 'wandb'"):
+        FederationConfig(tracking="wandb")
+
+
+def test_mlflow_tracking_without_mlflow_fails_at_export_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed, whatever this environment has
+    with pytest.raises(SystemExit) as failed:
+        job_main(["export", "--tracking", "mlflow", "--out", str(tmp_path)])
+    message = str(failed.value.code)
+    assert message.startswith("error: --tracking mlflow needs mlflow on the FL server") and "\n" not in message
+    assert message.endswith("pip install mlflow") and not list(tmp_path.iterdir())
+
+
+def test_exporting_the_real_job_without_weights_says_what_is_true(tmp_path, monkeypatch, capsys, caplog):
+    """The initial adapters and head need no backbone weights: no random-backbone alarm, one accurate line."""
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert job_main(["export", "--real", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    said = "\n".join([out, err, caplog.text, *(str(warning.message) for warning in caught)])
+    assert NO_WEIGHTS_MESSAGE not in said and "not readable here" not in said
+    expected = f"weights: ${WEIGHTS_ENV} is resolved at each site; the initial adapters and head do not depend on it"
+    assert out.splitlines() == [expected, str(tmp_path / "med_duallora")]
+
+
+def test_the_initial_checkpoint_is_the_same_with_or_without_pretrained_weights(tmp_path, monkeypatch):
+    """A pretrained CineMA (MAE) checkpoint at hand or not: the same initial global adapters and head."""
+    from test_loading import fake_mae_checkpoint
+
+    weights = tmp_path / "cinema.safetensors"
+    save_file(fake_mae_checkpoint(ConvViTConfig.preset("micro"), seed=1), weights)
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    checkpoints = []
+    for index, given in enumerate((str(weights), f"${WEIGHTS_ENV}")):
+        job = export_job(FederationConfig.for_method(weights=given, backbone="micro"), tmp_path / f"export{index}")
+        checkpoints.append(torch.load(job / "app" / "custom" / INITIAL_CHECKPOINT, weights_only=True))
+    with_weights, without = checkpoints
+    assert with_weights.keys() == without.keys() and any(".pred_head_dict." in key for key in without)
+    assert all(torch.equal(with_weights[key], without[key]) for key in without)

@@ -22,7 +22,7 @@ from models.protocol import DATA_ENV, SITES
 pytestmark = pytest.mark.slow
 
 CONFIG = FederationConfig.for_method(rounds=2, local_epochs=1)
-SITE_INSTALLED_JOB = ["--site-installed", "--rounds", "2", "--local-epochs", "1"]
+SITE_INSTALLED_JOB = ["--demo", "--site-installed", "--rounds", "2", "--local-epochs", "1"]
 """`CONFIG`, as `jobs/job.py submit` options."""
 SITE_FILE = "local/privacy.json"
 EVERY_KIT_FILE = "log.txt"
@@ -54,7 +54,8 @@ def poc_results(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     with network:
         submitted = io.StringIO()
         with contextlib.redirect_stdout(submitted):  # the command users run; it prints the job id
-            assert job_main(["submit", *SITE_INSTALLED_JOB, "--startup-kit", str(network.prod_dir / ADMIN)]) == 0
+            kit = ["--startup-kit", str(network.prod_dir / ADMIN), "--username", ADMIN]
+            assert job_main(["submit", *SITE_INSTALLED_JOB, *kit]) == 0
         results = {"installed": network.follow(submitted.getvalue().split()[-1], timeout=600)}
         results["unfiltered"] = network.run(unfiltered, timeout=600)
         results["with_code"] = network.run(with_code, timeout=300)

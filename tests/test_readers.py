@@ -176,6 +176,18 @@ def test_cinema_preprocessed_folder_is_read(cinema_examples: Path) -> None:
     }
 
 
+def test_cinema_preprocessed_unknown_dataset_is_a_listed_problem(cinema_examples: Path) -> None:
+    """A `dataset` column naming a dataset without known pathology codes is the row's problem, not a crash."""
+    csv_path = cinema_examples / "train_metadata.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[0] += ",dataset"
+    lines[1:] = [line + ",ukbb" for line in lines[1:]]
+    csv_path.write_text("\n".join(lines) + "\n")
+    result = discover([cinema_examples], LabelRule())
+    vendor_rows = [problem for problem in result.problems if "field dataset is 'ukbb'" in problem.reason]
+    assert vendor_rows and all(problem.path == str(csv_path) for problem in vendor_rows)
+
+
 def test_mnms2_reader_requires_its_columns(one_subject) -> None:
     root, _, csv_path = one_subject("mnms2")
     csv_path.write_text(csv_path.read_text().replace("VENDOR", "MAKER"))

@@ -8,17 +8,31 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from custom.site_state import SiteState, site_state_dir
-from jobs.recipe import INITIAL_CHECKPOINT, FederationConfig, export_job, initial_global_state
+from data_prep.readers import discover
+from data_prep.records import LabelRule, SubjectRecord
+from jobs.recipe import INITIAL_CHECKPOINT, REPO, FederationConfig, export_job, initial_global_state
 from jobs.simulate import SIMULATOR_JOB, SimulatorRun
-from models.protocol import GLOBAL_MODEL_FILE, SITES, STATE_FILE_PATTERN
+from models.export import load_model, read_metadata
+from models.protocol import (
+    GLOBAL_MODEL_FILE,
+    GLOBAL_THRESHOLD_FILE,
+    PERSONALISED_MODEL_DIR,
+    SITES,
+    STATE_FILE_PATTERN,
+)
+from tests.conftest import TEST_GEOMETRY
 
 pytestmark = pytest.mark.slow
 
@@ -165,3 +179,88 @@ def test_a_server_killed_mid_round_resumes_and_loses_nothing(finished_run, resta
         assert all(torch.equal(resumed_state[key], straight_state[key]) for key in straight_state), site
         resumed_scores, straight_scores = second.test_metrics(site), uninterrupted.test_metrics(site)
         assert json.dumps(resumed_scores, sort_keys=True) == json.dumps(straight_scores, sort_keys=True)
+
+
+def _scored_raw_pair(run: SimulatorRun, synthetic_raw: Path) -> tuple[str, dict, SubjectRecord]:
+    """A site's scored test subject whose dataset stores ED and ES as 3-D files (ACDC frames, M&Ms-2), with its
+    record in the raw layout."""
+    records = {record.subject_id: record for record in discover([synthetic_raw], LabelRule()).records}
+    for site in SITES:
+        for scored in run.test_metrics(site)["predictions"]["personalised"]:
+            record = records[scored["subject_id"]]
+            if record.ed_image.frame is None and record.es_image.frame is None and record.ed_label is not None:
+                return site, scored, record
+    pytest.fail("no test subject with 3-D ED and ES files")
+
+
+def _cinema_convention_label(record: SubjectRecord, path: Path) -> Path:
+    """The subject's ED label map in the convention `app.predict --ed-label` takes (LV = 3), as a user converts it:
+    the dataset's labels through the reader's own map."""
+    image = nib.load(record.ed_label.path)
+    labels = np.asarray(image.dataobj).astype(np.uint8)
+    remapped = np.zeros_like(labels)
+    for source, target in (record.ed_label.label_map or {}).items():
+        remapped[labels == source] = target
+    nib.save(nib.Nifti1Image(remapped if record.ed_label.label_map else labels, image.affine), path)
+    return path
+
+
+def _same(exported: float | None, reported: float) -> bool:
+    """An exported figure equals the reported one; an undefined figure (NaN) is exported as null."""
+    return (
+        exported is None and math.isnan(reported) if exported is None or math.isnan(reported) else exported == reported
+    )
+
+
+def test_each_site_exports_the_personalised_model_it_tested(finished_run):
+    """Every site leaves a usable model: both adapters in peft format, heads, its validation threshold, and the
+    metadata of the model its test figures describe."""
+    run, _ = finished_run
+    for site in SITES:
+        report = run.test_metrics(site)
+        metadata = read_metadata(run.site_dir(site) / PERSONALISED_MODEL_DIR)
+        assert (metadata["kind"], metadata["site"], metadata["round"]) == ("personalised", site, CONFIG.rounds - 1)
+        assert metadata["adapters"] == ["global", "local"] and metadata["policy"]["name"] == "med_duallora"
+        assert metadata["threshold"] == report["thresholds"]["personalised"]
+        assert metadata["metrics"]["test"]["n"] == report["n_test"]
+        assert _same(metadata["metrics"]["test"]["auroc"], report["models"]["personalised"]["auroc"])
+        assert metadata["input_contract"]["spatial_shape"] == [*TEST_GEOMETRY.crop, TEST_GEOMETRY.depth]
+        assert metadata["backbone"]["sha256"] is not None
+        assert {"global/adapter_model.safetensors", "local/adapter_model.safetensors"} <= set(metadata["files"])
+
+
+def test_an_exported_model_scores_a_raw_study_as_the_site_did(finished_run, synthetic_raw, tmp_path):
+    """The round trip a hospital makes: a site's exported model, given one of its test subjects as the raw NIfTI
+    pair (with the ED label map, so the crop is centred as `prepare` centred it), returns through
+    `python -m app.predict` the probability the site's own test evaluation wrote for that subject."""
+    run, _ = finished_run
+    site, scored, record = _scored_raw_pair(run, synthetic_raw)
+    label = _cinema_convention_label(record, tmp_path / "ed_label.nii.gz")
+    out = tmp_path / "prediction.json"
+    command = [sys.executable, "-m", "app.predict", "--model", str(run.personalised_model_dir(site))]
+    command += ["--ed", str(record.ed_image.path), "--es", str(record.es_image.path), "--input", "raw"]
+    command += ["--ed-label", str(label), "--out", str(out)]
+    subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True)
+    (predicted,) = json.loads(out.read_text())["predictions"]
+    assert predicted["p_diseased"] == pytest.approx(scored["p_diseased"], abs=1e-5)
+    threshold = run.test_metrics(site)["thresholds"]["personalised"]
+    assert predicted["diseased"] == (predicted["p_diseased"] > threshold)
+
+
+def test_the_server_exports_the_final_global_model(finished_run):
+    """The server's global model is the final aggregated global adapter and head, in the same format. This cohort
+    has fewer than 5 validation and test subjects a site, so no site sends a histogram or a test figure: the
+    threshold is the recorded default (the pooled case, and the figures: test_global_export.py)."""
+    run, _ = finished_run
+    module = load_model(run.global_model_dir)
+    metadata = module.export_metadata
+    assert (metadata["kind"], metadata["adapters"], metadata["round"]) == ("global", ["global"], CONFIG.rounds - 1)
+    assert not (run.server_dir / "app_server" / GLOBAL_THRESHOLD_FILE).exists()
+    assert (metadata["threshold"], metadata["threshold_source"]) == (0.5, "default 0.5")
+    assert sorted(metadata["metrics"]["test"]) == sorted(SITES)
+    exported = module.shared_state_dict()
+    final = run.global_model()
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[key], final[key]) for key in final), (
+        "the exported global model is not the final one"
+    )

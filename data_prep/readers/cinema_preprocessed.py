@@ -7,7 +7,15 @@ from pathlib import Path
 
 from data_prep.readers import mnms, mnms2
 from data_prep.readers.common import label_if_present, read_csv, under
-from data_prep.records import MNMS_VENDOR_LETTERS, FrameRef, InputError, LabelRule, SubjectRecord, vendor_from_name
+from data_prep.records import (
+    KNOWN_CODES,
+    MNMS_VENDOR_LETTERS,
+    FrameRef,
+    InputError,
+    LabelRule,
+    SubjectRecord,
+    vendor_from_name,
+)
 
 SUBJECT_IMAGE = re.compile(r"(.+)_sax_ed\.nii\.gz")
 REQUIRED_COLUMNS = ("pid", "pathology")
@@ -22,7 +30,12 @@ def _dataset_and_vendor(csv_path: Path, row: dict[str, str]) -> tuple[str, str]:
         client = vendor_from_name(vendor)
         if client is None:
             raise InputError(csv_path, f"row {pid}: unknown vendor {vendor!r} in field vendor")
-        return row.get("dataset") or "mnms2", client
+        dataset = row.get("dataset") or "mnms2"
+        if dataset not in KNOWN_CODES:
+            raise InputError(
+                csv_path, f"row {pid}: field dataset is {dataset!r}; expected one of {', '.join(sorted(KNOWN_CODES))}"
+            )
+        return dataset, client
     if pid.startswith("patient"):
         return "acdc", "siemens"
     raise InputError(csv_path, f"row {pid}: no vendor field and not an ACDC id: cannot tell dataset and vendor")
