@@ -3,8 +3,10 @@
 Trains the federated clients' LightningModule on the pooled training split of every site (or of the sites named by
 `--data.clients`, e.g. `[ge]` for a local-only baseline) with its class-balanced loss, chooses the decision threshold
 on the pooled validation split (models.metrics, the rule the federated models use), then tests per vendor and pooled
-at that threshold, writes the metrics JSON to `--metrics_out` and exports the model (models.export format: peft
-adapter, heads, threshold, metadata.json, model card) to `--model_out` (default: `model/` beside the metrics).
+at that threshold, writes the metrics JSON (with every test subject's P(diseased), and those of the benchmark's
+Siemens-profile test renderings where the data hold them) to `--metrics_out` and exports the model (models.export
+format: peft adapter, heads, threshold, metadata.json, model card) to `--model_out` (default: `model/` beside the
+metrics).
 A training split too small to train, or an empty validation or test split, stops it before training. Data come
 from the prepared root `--data.root` or `$MED_DUALLORA_DATA`. `app/configs/centralized_standin.yaml` adapts the
 committed stand-in backbone.
@@ -21,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from data_prep.datamodule import VendorDataModule
 from data_prep.report import read_prepared
+from data_prep.splits import REFERENCE_TEST_SPLIT
 from models.atomic_io import write_json_atomic
 from models.dual_lora import backbone_of
 from models.export import backbone_record, input_contract, write_model
@@ -85,7 +88,12 @@ def run(args: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     threshold = module.choose_thresholds("val")["model"]
+    predictions = {"val": module.eval_predictions["val"]}
+    if datamodule.has_split(REFERENCE_TEST_SPLIT):
+        trainer.test(module, dataloaders=datamodule.split_dataloader(REFERENCE_TEST_SPLIT), verbose=False)
+        predictions[REFERENCE_TEST_SPLIT] = module.eval_predictions["test"]
     trainer.test(module, datamodule=datamodule, verbose=False)
+    predictions["test"] = module.eval_predictions["test"]
     report = {
         "kind": "centralized" if len(datamodule.clients) > 1 else "local_only",
         "trained_on": list(datamodule.clients),
@@ -99,6 +107,7 @@ def run(args: Sequence[str] | None = None) -> dict[str, Any]:
         "threshold_source": "pooled validation",
         "test": _json_safe(summarize(module.eval_results["test"])),
         "val": _json_safe(summarize(module.eval_results["val"])),
+        "predictions": predictions,
     }
     model_out = cli.config.model_out or os.path.join(os.path.dirname(cli.config.metrics_out) or ".", "model")
     contract = input_contract(backbone_of(module.model).config, geometry["spacing_mm"])

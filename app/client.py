@@ -10,10 +10,15 @@ After the last round the server sends the final global model twice (`validate` t
   scores per class; the server sums them and picks the pooled threshold of the global model;
 - `test`: the site chooses its personalised model's threshold on its own validation split, takes the pooled one for
   the global model, scores its test split at those thresholds (AUROC is threshold-free) and writes the metrics, the
-  thresholds and per-subject predictions to `test_metrics.json` in its run directory, and exports its personalised
-  model (both adapters in peft format, heads, threshold, metadata.json, model card) to `personalised_model/` there.
+  thresholds and per-subject predictions to `test_metrics.json` in its run directory (the same for the benchmark's
+  Siemens-profile renderings of the test hearts, split `test_siemens`, where the data hold them: they stay at the
+  site), and exports its personalised model (both adapters in peft format, heads, threshold, metadata.json, model
+  card) to `personalised_model/` there.
 The data come from `$MED_DUALLORA_DATA`, the rows whose `client` is this site. After each training epoch the site
 prints a PROGRESS_MARK line and streams the epoch's training loss to the server's tracking.
+
+A job of several replicas (custom.controller) marks each task with its replica's seed: the site then runs each
+replica as a run of its own (`Replica`: that seed's model, state, data root and output folder `seed<N>/`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import sys
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from custom.site_state import SiteState, site_state_dir, state_digest
 from data_prep.datamodule import VendorDataModule
 from data_prep.report import read_prepared
+from data_prep.splits import REFERENCE_TEST_SPLIT
 from models.atomic_io import write_json_atomic
 from models.dual_lora import backbone_of
 from models.export import backbone_record, input_contract, write_model
@@ -55,10 +62,13 @@ from models.protocol import (
     MIN_SUBJECTS_PER_FIGURE,
     PERSONALISED_MODEL_DIR,
     PROGRESS_MARK,
+    REPLICA_SEED_KEY,
     SAMPLES_KEY,
+    SEED_PLACEHOLDER,
     STAGE_KEY,
     TEST_METRICS_FILE,
     VAL_HISTOGRAM_KEY,
+    replica_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,10 +176,13 @@ class ReportEpochs(pl.Callback):
     """After each training epoch: a PROGRESS_MARK line on stdout, and the epoch's mean training loss streamed to
     the server's tracking (only when the site trains on at least MIN_SUBJECTS_PER_FIGURE subjects)."""
 
-    def __init__(self, tracker: SummaryWriter | None, site: str, current_round: int, n_train: int):
+    def __init__(
+        self, tracker: SummaryWriter | None, site: str, current_round: int, n_train: int, tag_prefix: str = ""
+    ):
         self.tracker = tracker if n_train >= MIN_SUBJECTS_PER_FIGURE else None
         self.site = site
         self.current_round = current_round
+        self.tag_prefix = tag_prefix
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loss = trainer.callback_metrics.get("train_loss")
@@ -183,7 +196,7 @@ class ReportEpochs(pl.Callback):
         )
         if self.tracker is not None:
             step = self.current_round * (trainer.max_epochs or 1) + epoch
-            self.tracker.add_scalar("train_loss", float(loss), global_step=step)
+            self.tracker.add_scalar(f"{self.tag_prefix}train_loss", float(loss), global_step=step)
 
 
 class SavePrivateState(pl.Callback):
@@ -287,7 +300,6 @@ def final_evaluation(
     kind = global_model_kind(module)
     if kind is not None and global_threshold is not None:
         module.thresholds[kind] = float(global_threshold)
-    trainer.test(module, datamodule=datamodule, verbose=False)
     kinds = {
         name: MODEL_KINDS[name]
         for name in (["personalised", "global_only"] if module.policy.is_dual else ["personalised"])
@@ -306,6 +318,11 @@ def final_evaluation(
         }
         return {"models": models, "predictions": predictions}
 
+    reference = None
+    if datamodule.has_split(REFERENCE_TEST_SPLIT):
+        trainer.test(module, dataloaders=datamodule.split_dataloader(REFERENCE_TEST_SPLIT), verbose=False)
+        reference = scored("test")
+    trainer.test(module, datamodule=datamodule, verbose=False)
     test = scored("test")
     report = {
         "site": flare.get_site_name(),
@@ -321,6 +338,7 @@ def final_evaluation(
         },
         **test,
         "validation": scored("val"),
+        **({REFERENCE_TEST_SPLIT: reference} if reference is not None else {}),
     }
     write_json_atomic(os.path.join(run_dir, TEST_METRICS_FILE), report)
     counts = {f"{name}_n": len(rows) for name, rows in test["predictions"].items()}
@@ -368,7 +386,9 @@ def export_personalised(
     return out
 
 
-def track_validation(tracker: SummaryWriter, metrics: dict[str, Any], current_round: int) -> None:
+def track_validation(
+    tracker: SummaryWriter, metrics: dict[str, Any], current_round: int, tag_prefix: str = ""
+) -> None:
     """Stream the round's validation curves to the server's TensorBoard, unless they describe too few subjects."""
     if float(metrics.get("val_n", 0)) < MIN_SUBJECTS_PER_FIGURE:
         logger.info(
@@ -377,7 +397,7 @@ def track_validation(tracker: SummaryWriter, metrics: dict[str, Any], current_ro
         return
     for name in TRACKED_METRICS:
         if name in metrics:
-            tracker.add_scalar(name, float(metrics[name]), global_step=current_round)
+            tracker.add_scalar(tag_prefix + name, float(metrics[name]), global_step=current_round)
 
 
 def check_global_model(module: DualLoRAClassifier, received: FLModel, current_round: int | None) -> None:
@@ -405,43 +425,88 @@ def announce_fedprox(config: SiteConfig, received: FLModel) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    config = read_site_config(parse_args(argv).config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    flare.init()
-    site = flare.get_site_name()
-    run_dir = site_run_dir(flare.get_job_id())
+@dataclass
+class Replica:
+    """One run the site takes part in: its configuration (seed), model, private state, data and output folder."""
+
+    seed: int | None
+    config: SiteConfig
+    module: DualLoRAClassifier
+    state: SiteState
+    data_root: str
+    run_dir: str
+    contract: dict[str, Any] | None = None
+
+    @property
+    def tag_prefix(self) -> str:
+        """Prefix of the replica's tracked curves (`seed1/val_bal_acc`); none for a job of one run."""
+        return f"{replica_folder(self.seed)}/" if self.seed is not None else ""
+
+
+def open_replica(
+    config: SiteConfig, site: str, job_run_dir: str, seed: int | None, previous: Replica | None = None
+) -> Replica:
+    """The site's run of `seed` in a job of several replicas (seed None: the job's one run, as configured).
+
+    The frozen prefix's features of the `previous` replica's subjects are kept: the replicas share the backbone and
+    the test set, and the cache itself drops any entry whose backbone or input differs (models.prefix_cache).
+    """
+    if seed is not None:
+        config = config.replace(seed=seed, run_name=f"{config.run_name}.{replica_folder(seed)}")
     data_root = os.environ.get(DATA_ENV)
     if not data_root:
         raise OSError(f"{DATA_ENV} is not set at site {site}: point it at the prepared data root")
+    run_dir = os.path.join(job_run_dir, replica_folder(seed))
+    os.makedirs(run_dir, exist_ok=True)
+    workspace = os.path.dirname(job_run_dir)
     module = config.build_module()
-    state = SiteState(site_state_dir(config.run_name, site, workspace=os.path.dirname(run_dir)), config.run_name)
+    if previous is not None and previous.module.prefix_cache is not None and module.prefix_cache is not None:
+        module.prefix_cache = previous.module.prefix_cache
+    return Replica(
+        seed=seed,
+        config=config,
+        module=module,
+        state=SiteState(site_state_dir(config.run_name, site, workspace=workspace), config.run_name),
+        data_root=data_root.replace(SEED_PLACEHOLDER, str(config.seed)),
+        run_dir=run_dir,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    job_config = read_site_config(parse_args(argv).config)
+    if job_config.threads:
+        torch.set_num_threads(job_config.threads)
+    flare.init()
+    site = flare.get_site_name()
+    job_run_dir = site_run_dir(flare.get_job_id())
     tracker = SummaryWriter()
-    summarise_missing_keys(module.policy)
-    site_meta = {FULL_MODEL_BYTES_KEY: full_model_bytes(module)}
-    contract: dict[str, Any] | None = None
+    summarise_missing_keys(job_config.policy)
+    replica: Replica | None = None
     while flare.is_running():
         received = flare.receive()
         if received is None:
             break
+        seed = (received.meta or {}).get(REPLICA_SEED_KEY)
+        if replica is None or replica.seed != seed:
+            replica = open_replica(job_config, site, job_run_dir, seed, previous=replica)
+        config, module, state, run_dir = replica.config, replica.module, replica.state, replica.run_dir
         evaluating = flare.is_evaluate()
         current_round = None if evaluating else received.current_round
         check_global_model(module, received, current_round)
         saved = state.for_round(current_round)
         if saved is not None:
             restore_private_state(module, saved, state.path)
-        seed = round_seed(config.seed, site, current_round)
+        round_seed_value = round_seed(config.seed, site, current_round)
         datamodule = VendorDataModule(
-            data_root,
+            replica.data_root,
             clients=[site],
             batch_size=config.batch_size,
             augment=config.augment,
             num_workers=config.num_workers,
-            seed=seed,
+            seed=round_seed_value,
         )
-        if contract is None:
-            contract = check_site_data(config, datamodule, module)
+        if replica.contract is None:
+            replica.contract = check_site_data(config, datamodule, module)
         if evaluating:
             module.load_shared_state_dict(received.params or {})
             meta = received.meta or {}
@@ -450,16 +515,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 threshold = meta.get(GLOBAL_THRESHOLD_KEY)
                 figures, report = final_evaluation(module, config, datamodule, run_dir, threshold)
-                export_personalised(module, config, report, contract, state.latest_round(), run_dir)
+                export_personalised(module, config, report, replica.contract, state.latest_round(), run_dir)
                 flare.send(FLModel(metrics=figures))
             continue
         announce_fedprox(config, received)
-        pl.seed_everything(seed, verbose=False)
-        module.__fl_meta__ = {**site_meta, SAMPLES_KEY: datamodule.num_train_samples}
-        report = ReportEpochs(tracker, site, received.current_round, datamodule.num_train_samples)
+        pl.seed_everything(round_seed_value, verbose=False)
+        site_meta = {FULL_MODEL_BYTES_KEY: full_model_bytes(module), SAMPLES_KEY: datamodule.num_train_samples}
+        module.__fl_meta__ = site_meta
+        n_train = datamodule.num_train_samples
+        report = ReportEpochs(tracker, site, received.current_round, n_train, replica.tag_prefix)
         trainer = round_trainer(config, state, received.current_round, report)
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        track_validation(tracker, trainer.callback_metrics, received.current_round)
+        track_validation(tracker, trainer.callback_metrics, received.current_round, replica.tag_prefix)
         trainer.fit(module, datamodule=datamodule)
 
 

@@ -1,21 +1,33 @@
 """FedAvg workflow that trains every connected site each round, completes a round without the ones that fail, and
 ends with the two-stage final evaluation of custom.evaluation (pooled threshold, then test) and the export of the
-global model (custom.global_export)."""
+global model (custom.global_export); a job of several replicas runs all of it once per seed."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
+from nvflare.apis.fl_constant import WorkspaceConstants
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from custom.evaluation import pooled_threshold, site_histogram
 from custom.global_export import export_global_model
 from models.atomic_io import write_json_atomic
-from models.protocol import CALIBRATE, GLOBAL_THRESHOLD_FILE, GLOBAL_THRESHOLD_KEY, STAGE_KEY, TEST
+from models.protocol import (
+    CALIBRATE,
+    GLOBAL_THRESHOLD_FILE,
+    GLOBAL_THRESHOLD_KEY,
+    REPLICA_SEED_KEY,
+    STAGE_KEY,
+    TEST,
+    replica_folder,
+)
 
 EVALUATE_TASK = "validate"
+REPLICA_CHECKPOINT = "ckpt/init_global_adapters_seed{}.pt"
+"""A replica's initial global model, in the server app's custom/ folder (the job writes one per replica seed)."""
 
 
 class ResilientFedAvg(FedAvg):
@@ -31,6 +43,11 @@ class ResilientFedAvg(FedAvg):
     histograms of its validation scores and fixes its pooled threshold (written beside the global model as
     global_threshold.json), `test` sends that threshold and collects the test metrics. The global model is then
     exported beside the server's run folder (`model_spec`, from the job, describes the model; none: no export).
+
+    `replica_seeds`: the job runs one independent federation per seed, one after another, with the same site
+    processes (NVFlare's start-up is paid once): rounds, final evaluation and export, each replica from its own
+    initial global model (REPLICA_CHECKPOINT), its tasks marked with REPLICA_SEED_KEY, its outputs in
+    `<run>/seed<N>/`.
     """
 
     def __init__(
@@ -40,10 +57,15 @@ class ResilientFedAvg(FedAvg):
         straggler_wait_s: int = 3600,
         round_timeout_s: int = 0,
         model_spec: dict | None = None,
+        replica_seeds: Sequence[int] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.model_spec = model_spec
+        self.replica_seeds = list(replica_seeds or [])
+        if len(set(self.replica_seeds)) != len(self.replica_seeds):
+            raise ValueError(f"replica_seeds {self.replica_seeds} repeat a seed")
+        self.replica_seed: int | None = None
         if min_responses < 1:
             raise ValueError(f"min_responses must be at least 1, got {min_responses}")
         self.min_responses = min_responses
@@ -57,13 +79,34 @@ class ResilientFedAvg(FedAvg):
         super().save_model(model)
 
     def run(self) -> None:
-        super().run()
-        if self._final_model is not None and not self.abort_signal.triggered:
-            self.final_evaluation(self._final_model)
+        for seed in self.replica_seeds or [None]:
+            if self.abort_signal.triggered:
+                return
+            self.replica_seed = seed
+            self._final_model = None
+            if seed is not None:
+                self.info(f"replica seed {seed} ({self.replica_seeds.index(seed) + 1}/{len(self.replica_seeds)})")
+                self.model = FLModel(params=self._replica_initial_state(seed))
+            super().run()
+            if self._final_model is not None and not self.abort_signal.triggered:
+                self.final_evaluation(self._final_model)
+
+    def _replica_initial_state(self, seed: int) -> dict:
+        path = os.path.join(self.get_app_dir(), WorkspaceConstants.CUSTOM_FOLDER_NAME, REPLICA_CHECKPOINT.format(seed))
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def _output_dir(self) -> str:
+        """Where the final evaluation's files go: the server's run folder, or the replica's folder in it."""
+        output = os.path.join(os.path.dirname(self.get_app_dir()), replica_folder(self.replica_seed))
+        os.makedirs(output, exist_ok=True)
+        return output
+
+    def _with_replica(self, meta: dict | None) -> dict:
+        return dict(meta or {}) if self.replica_seed is None else {**(meta or {}), REPLICA_SEED_KEY: self.replica_seed}
 
     def _evaluate(self, model: FLModel, meta: dict) -> list[FLModel]:
         sites = self.sample_clients(None)
-        data = FLModel(params=model.params, params_type=ParamsType.FULL, meta=meta)
+        data = FLModel(params=model.params, params_type=ParamsType.FULL, meta=self._with_replica(meta))
         return self.broadcast_model(
             task_name=EVALUATE_TASK,
             data=data,
@@ -85,7 +128,8 @@ class ResilientFedAvg(FedAvg):
                 histograms.append(histogram)
         pooled = pooled_threshold(histograms)
         if pooled is not None:
-            write_json_atomic(os.path.join(self.get_app_dir(), GLOBAL_THRESHOLD_FILE), pooled)
+            folder = self.get_app_dir() if self.replica_seed is None else self._output_dir()
+            write_json_atomic(os.path.join(folder, GLOBAL_THRESHOLD_FILE), pooled)
             self.info(f"global model's pooled validation threshold: {pooled}")
         threshold = pooled["threshold"] if pooled else None
         test_figures = {}
@@ -94,9 +138,14 @@ class ResilientFedAvg(FedAvg):
             self.info(f"final test metrics of {site}: {reply.metrics}")
             test_figures[site] = dict(reply.metrics or {})
         if self.model_spec is not None:
-            run_dir = os.path.dirname(self.get_app_dir())
             written = export_global_model(
-                run_dir, self.model_spec, model.params or {}, pooled, test_figures, self.current_round
+                self._output_dir(),
+                self.model_spec,
+                model.params or {},
+                pooled,
+                test_figures,
+                self.current_round,
+                self.replica_seed,
             )
             self.info(f"global model: {written}")
 
@@ -118,6 +167,8 @@ class ResilientFedAvg(FedAvg):
         """Send the round's task; the aggregator first learns the global model the updates must match."""
         if task_name == self.task_name and data is not None and hasattr(self.aggregator, "expect"):
             self.aggregator.expect(data.params or {}, self.current_round)
+        if data is not None:
+            data.meta = self._with_replica(data.meta)
         self.broadcast_model(
             task_name=task_name,
             data=data,

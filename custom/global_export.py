@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,13 +29,15 @@ def export_global_model(
     pooled: Mapping[str, Any] | None,
     test_figures: Mapping[str, Mapping[str, Any]],
     last_round: int | None,
+    replica_seed: int | None = None,
 ) -> str:
     """Write the global model to `<run_dir>/global_model/` and return its path; for a policy whose shared parts
     are not a usable model, write NO_GLOBAL_MODEL.md saying why and return that path instead.
 
     `spec` is the job's description of the model (app.site_config.SiteConfig.model_spec), `params` the final
     global state the sites were sent, `pooled` the pooled validation threshold (None when none could be chosen),
-    `test_figures` each site's final test figures as the sites sent them.
+    `test_figures` each site's final test figures as the sites sent them, `replica_seed` the seed of the replica
+    (custom.controller) the model comes from, which also seeded its adapters.
     """
     policy = SharingPolicy.from_dict(spec["policy"], source="model_spec")
     if not policy.has_global_model:
@@ -55,10 +58,14 @@ def export_global_model(
             "test": {site: _group_figures(figures, group) for site, figures in sorted(test_figures.items())},
         },
     }
+    adapter = DualLoRAConfig(**spec["adapter"])
+    if replica_seed is not None:
+        metadata["replica_seed"] = replica_seed
+        adapter = dataclasses.replace(adapter, init_seed=replica_seed)
     adapters = ("global",) if policy.is_dual else policy.adapters
     threshold = float(pooled["threshold"]) if pooled else DEFAULT_THRESHOLD
     out = os.path.join(run_dir, GLOBAL_MODEL_DIR)
-    write_model(out, model, policy, DualLoRAConfig(**spec["adapter"]), adapters, threshold, metadata)
+    write_model(out, model, policy, adapter, adapters, threshold, metadata)
     return out
 
 

@@ -13,9 +13,9 @@ from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaus
 from monai.utils import convert_to_tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from data_prep.preprocess import read_volume
+from data_prep.preprocess import read_volume, to_uint8
 from data_prep.report import image_path, read_manifest
-from data_prep.splits import SPLITS
+from data_prep.splits import MANIFEST_SPLITS, SPLITS
 from models.protocol import DATA_ENV, MIN_TRAIN_SUBJECTS
 
 # CineMA classification augmentation (reference-cinema.md §3), defined for a 192-voxel crop.
@@ -55,9 +55,7 @@ class CachedVolumes(Dataset):
 
     def __init__(self, root: Path, rows: Sequence[dict[str, str]], transform: Compose | None) -> None:
         self.rows = list(rows)
-        self.volumes = [
-            np.rint(read_volume(image_path(root / "manifest.csv", row)) * 255).astype(np.uint8) for row in self.rows
-        ]
+        self.volumes = [to_uint8(read_volume(image_path(root / "manifest.csv", row))) for row in self.rows]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -89,6 +87,8 @@ class VendorDataModule(L.LightningDataModule):
     """Train/val/test loaders for one site (`clients=["ge"]`), several, or all pooled (`clients=None`).
 
     `transform(crop, seed)` builds the training augmentation (default: CineMA's recipe, `training_transform`).
+    A root may hold extra evaluation splits (e.g. test_siemens of a benchmark root): `has_split` and
+    `split_dataloader` reach them; the train/val/test loaders never include them.
     """
 
     def __init__(
@@ -118,6 +118,10 @@ class VendorDataModule(L.LightningDataModule):
             raise ValueError(f"client(s) {unknown} not in {manifest} (available: {available})")
         self.clients = wanted
         self.rows = {split: [r for r in rows if r["client"] in wanted and r["split"] == split] for split in SPLITS}
+        extra = sorted({r["split"] for r in rows} - set(SPLITS))
+        self.extra_rows = {
+            split: [r for r in rows if r["client"] in wanted and r["split"] == split] for split in extra
+        }
         self.batch_size = batch_size
         self.augment = augment
         self.transform = transform
@@ -191,3 +195,21 @@ class VendorDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def has_split(self, name: str) -> bool:
+        """Whether the selected clients have subjects in split `name` (train, val, test or an extra split)."""
+        return bool(self.rows.get(name) or self.extra_rows.get(name))
+
+    def split_dataloader(self, name: str) -> DataLoader:
+        """An evaluation loader (unshuffled, never augmented) of split `name`: val, test or an extra split such as
+        test_siemens; its volumes are read on the first call. ValueError when the clients have no such subjects."""
+        if name == "train":
+            raise ValueError("split_dataloader gives evaluation loaders; use train_dataloader for the train split")
+        if name not in MANIFEST_SPLITS or not self.has_split(name):
+            raise ValueError(
+                f"split {name!r}: no subjects of client(s) {', '.join(self.clients)} in {self.root / 'manifest.csv'} "
+                f"(splits there: {', '.join(s for s in MANIFEST_SPLITS if self.has_split(s)) or 'none'})"
+            )
+        if name in self.extra_rows and name not in self.datasets:
+            self.datasets[name] = CachedVolumes(self.root, self.extra_rows[name], None)
+        return self._loader(name, shuffle=False)

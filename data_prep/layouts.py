@@ -99,10 +99,15 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]
 
 
 def write_acdc(
-    folder: Path, pid: str, cine: Cine, acq: Acquisition, appearance: Appearance, info: dict[str, str]
+    folder: Path,
+    pid: str,
+    cine: Cine,
+    acq: Acquisition,
+    appearance: Appearance,
+    affine: np.ndarray,
+    info: dict[str, str],
 ) -> None:
     """`patientNNN/`: Info.cfg (1-based frames), `_4d`, `_frameYY` and `_frameYY_gt` (1 RV, 2 MYO, 3 LV)."""
-    affine = axis_aligned_affine(acq)
     stored = stored_values(cine.signal, appearance)
     save(stored, affine, folder / f"{pid}_4d.nii.gz")
     for frame in (acq.ed, acq.es):

@@ -5,14 +5,17 @@ axis (base plane c = 0, apex at c = -L). The LV cavity and epicardium are trunca
 with the angle around the axis (septal thickening, akinetic infarct sector); the RV is a truncated ellipsoid wrapped
 around the septum. Contraction follows a smooth cycle between ED (phase 0) and ES (phase 1): the cavity shrinks to
 (1 - EF) of its volume, the myocardium keeps its area, the long axis shortens. Partial volume comes from a sigmoid of
-the approximate signed distance with the vendor's edge width; labels are the hard inside tests.
+the approximate signed distance with the vendor's edge width; labels are the hard inside tests. The vendor's
+reconstruction (an in-plane blur, then a gamma curve) acts on the noisy magnitude.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from data_prep.anatomy import HeartParams
 from data_prep.records import LV_LABEL, MYO_LABEL, RV_LABEL
@@ -22,6 +25,7 @@ BLOOD, BODY, FAT, LUNG, EPICARDIAL_FAT = 1.0, 0.40, 0.75, 0.04, 0.70
 EPICARDIAL_FAT_MM = 3.0
 HEART_BOX_MM = 80.0
 SEPTUM_ANGLE = np.pi
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Acquisition:
     edge_mm: float
     bias: tuple[float, ...]
     banding: tuple[float, float, float] | None
+    gamma: float
+    blur_mm: float
 
 
 def sample_acquisition(
@@ -53,8 +59,13 @@ def sample_acquisition(
     frames: tuple[int, int],
     field_3t: bool,
     base_angle: float,
+    aux: np.random.Generator,
 ) -> Acquisition:
-    """Draw an acquisition for `heart` on a scanner of `profile` (slices cover base to apex plus margins)."""
+    """Draw an acquisition for `heart` on a scanner of `profile` (slices cover base to apex plus margins).
+
+    The reconstruction factors added later (gamma, blur) come from `aux`, so that `rng` is consumed exactly as before
+    they existed and every earlier factor (and the noise) is unchanged.
+    """
     spacing = float(rng.uniform(*profile.spacing_mm))
     side = int(rng.integers(profile.matrix[0], profile.matrix[1] + 1))
     matrix = (side, round(side * rng.uniform(*profile.matrix_aspect)))
@@ -86,6 +97,8 @@ def sample_acquisition(
         edge_mm=float(rng.uniform(*profile.edge_mm)),
         bias=bias,
         banding=banding,
+        gamma=float(aux.uniform(*profile.gamma)),
+        blur_mm=float(aux.uniform(*profile.blur_mm)),
     )
 
 
@@ -213,29 +226,97 @@ def _heart_window(centre_mm: float, spacing: float, size: int) -> slice:
     return slice(max(0, low), min(size, high))
 
 
-def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Magnitude of the signal plus complex Gaussian noise (Rician statistics); keeps Fortran order for NIfTI."""
-    real = rng.standard_normal(signal.shape[::-1], dtype=np.float32).T
-    real *= sigma
-    real += signal
-    np.square(real, out=real)
-    imaginary = rng.standard_normal(signal.shape[::-1], dtype=np.float32).T
-    imaginary *= sigma
-    np.square(imaginary, out=imaginary)
-    real += imaginary
-    return np.sqrt(real, out=real)
+FrameNoise = Callable[[int], np.random.Generator]
+"""The per-frame noise scheme: the generator of one cine frame's noise (its real parts, then its imaginary parts)."""
+
+
+def _noise_draws(
+    noise: np.random.Generator | FrameNoise, frames: Sequence[int], n_frames: int
+) -> Iterator[tuple[int, bool, np.random.Generator]]:
+    """(cine frame, real part?, generator) of each (Z, Y, X) noise array, in drawing order.
+
+    One generator: the real parts of all `n_frames` frames, then their imaginary parts (one (T, Z, Y, X) array each,
+    the generator gives the same numbers in chunks), so it is consumed as for the whole cine. Per-frame generators:
+    both parts of each of `frames` only.
+    """
+    if isinstance(noise, np.random.Generator):
+        for real in (True, False):
+            for frame in range(n_frames):
+                yield frame, real, noise
+    else:
+        for frame in frames:
+            generator = noise(frame)
+            yield frame, True, generator
+            yield frame, False, generator
+
+
+def _rician(
+    signal: np.ndarray,
+    sigma: float,
+    noise: np.random.Generator | FrameNoise,
+    frames: Sequence[int],
+    n_frames: int,
+) -> np.ndarray:
+    """Magnitude of the signal plus complex Gaussian noise (Rician statistics); keeps Fortran order for NIfTI.
+
+    `signal` (X, Y, Z, len(frames)) holds frames `frames` of an `n_frames` cine; the noise is drawn as
+    `_noise_draws` orders it and each kept frame gets the noise it would get in the whole cine.
+    """
+    position = {frame: index for index, frame in enumerate(frames)}
+    magnitude = np.empty_like(signal, order="F")
+    drawn = np.empty(signal.shape[2::-1], dtype=np.float32)
+    for frame, real, generator in _noise_draws(noise, frames, n_frames):
+        values = generator.standard_normal(dtype=np.float32, out=drawn).T
+        if frame not in position:
+            continue
+        values *= sigma
+        if real:
+            values += signal[..., position[frame]]
+            magnitude[..., position[frame]] = np.square(values, out=values)
+        else:
+            magnitude[..., position[frame]] += np.square(values, out=values)
+    return np.sqrt(magnitude, out=magnitude)
+
+
+def _reconstruct(magnitude: np.ndarray, acq: Acquisition) -> np.ndarray:
+    """The vendor's reconstruction of each frame, in place: in-plane Gaussian blur (FWHM `blur_mm`), then the gamma
+    curve. Both are skipped (an exact identity) at blur 0 and gamma 1."""
+    for index in range(magnitude.shape[3]):
+        frame = magnitude[..., index]
+        if acq.blur_mm > 0:
+            sigma = [acq.blur_mm / FWHM_PER_SIGMA / spacing for spacing in acq.spacing] + [0.0]
+            frame[...] = gaussian_filter(frame, sigma, mode="nearest")
+        if acq.gamma != 1.0:
+            np.power(frame, np.float32(acq.gamma), out=frame)
+    return magnitude
 
 
 @dataclass
 class Cine:
-    """Rendered cine: magnitude signal (X, Y, Z, T) float32, Fortran order; labels at ED and ES (X, Y, Z) uint8."""
+    """Rendered cine: magnitude signal (X, Y, Z, F) float32, Fortran order, of cine frames `frames` (all T by
+    default); labels at ED and ES (X, Y, Z) uint8."""
 
     signal: np.ndarray
     labels: dict[int, np.ndarray]
+    frames: tuple[int, ...]
+
+    def frame(self, frame: int) -> np.ndarray:
+        """Signal of cine frame `frame` (X, Y, Z)."""
+        return self.signal[..., self.frames.index(frame)]
 
 
-def render_sax(heart: HeartParams, acq: Acquisition, rng: np.random.Generator) -> Cine:
-    """Short-axis cine stack with noise, bias field and (3 T) banding; masks at ED and ES (unified label map)."""
+def render_sax(
+    heart: HeartParams,
+    acq: Acquisition,
+    noise: np.random.Generator | FrameNoise,
+    frames: Sequence[int] | None = None,
+) -> Cine:
+    """Short-axis cine stack with noise, bias field and (3 T) banding; masks at ED and ES (unified label map).
+
+    The noise comes from one generator or from each frame's own (`FrameNoise`). `frames` renders only those cine
+    frames (e.g. ED and ES) with the values of the whole cine; one generator is consumed as for the whole cine, of
+    per-frame generators only those of `frames` draw.
+    """
     nx, ny = acq.matrix
     sx, sy = acq.spacing
     x = (np.arange(nx) - (nx - 1) / 2)[:, None] * sx
@@ -256,20 +337,24 @@ def render_sax(heart: HeartParams, acq: Acquisition, rng: np.random.Generator) -
     atria = _atria(model, acq.edge_mm)
     box_chest, box_shading = chest[box][..., None], shading[box][..., None]
     static = (chest * shading).astype(np.float32)[..., None]
-    signal = np.empty((nx, ny, acq.n_slices, acq.n_frames), dtype=np.float32, order="F")
+    kept = tuple(range(acq.n_frames)) if frames is None else tuple(frames)
+    phases = contraction_phase(acq.n_frames, acq.ed, acq.es)
+    signal = np.empty((nx, ny, acq.n_slices, len(kept)), dtype=np.float32, order="F")
     labels: dict[int, np.ndarray] = {}
-    for frame, phase in enumerate(contraction_phase(acq.n_frames, acq.ed, acq.es)):
-        heart_signal, heart_labels = _compose(box_chest, model, phase, acq, atria)
-        signal[..., frame] = static
-        signal[(*box, slice(None), frame)] = heart_signal * box_shading
+    for index, frame in enumerate(kept):
+        heart_signal, heart_labels = _compose(box_chest, model, phases[frame], acq, atria)
+        signal[..., index] = static
+        signal[(*box, slice(None), index)] = heart_signal * box_shading
         if frame in (acq.ed, acq.es):
             labels[frame] = np.zeros((nx, ny, acq.n_slices), dtype=np.uint8)
             labels[frame][box] = heart_labels
-    return Cine(_rician(signal, 1.0 / acq.snr, rng), labels)
+    magnitude = _rician(signal, 1.0 / acq.snr, noise, kept, acq.n_frames)
+    return Cine(_reconstruct(magnitude, acq), labels, kept)
 
 
-def render_four_chamber(heart: HeartParams, acq: Acquisition, rng: np.random.Generator) -> Cine:
-    """Long-axis 4-chamber cine (X, Y, 1, T): the plane v = 0 through both ventricles, c along the image y axis."""
+def render_four_chamber(heart: HeartParams, acq: Acquisition, noise: np.random.Generator | FrameNoise) -> Cine:
+    """Long-axis 4-chamber cine (X, Y, 1, T): the plane v = 0 through both ventricles, c along the image y axis; the
+    noise comes from one generator or from each frame's own."""
     sx = acq.spacing[0]
     nx = acq.matrix[0]
     c_values = np.arange(60.0, -(heart.lv_length + 60.0), -sx)
@@ -285,4 +370,6 @@ def render_four_chamber(heart: HeartParams, acq: Acquisition, rng: np.random.Gen
         signal[..., frame] = heart_signal
         if frame in (acq.ed, acq.es):
             labels[frame] = heart_labels
-    return Cine(_rician(signal, 1.0 / acq.snr, rng), labels)
+    frames = tuple(range(acq.n_frames))
+    magnitude = _rician(signal, 1.0 / acq.snr, noise, frames, acq.n_frames)
+    return Cine(_reconstruct(magnitude, acq), labels, frames)

@@ -14,10 +14,12 @@ Steps for one subject (reference-cinema.md §3):
    min-max rescaled, like CineMA's online `ScaleIntensityd`);
 5. zero-pad z at the end to `depth`.
 Output: one array (X, Y, Z, 2), channels ED and ES, and its affine (the crop moves the origin, never the axes).
+Steps 2-5 (`preprocess_arrays`) are shared with the synthetic cohort's direct path (data_prep/direct.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +82,6 @@ def _load(record: SubjectRecord) -> tuple[np.ndarray, np.ndarray | None, np.ndar
         if label.shape != ed.shape:
             raise InputError(record.ed_label.path, f"label shape {label.shape} differs from image shape {ed.shape}")
         check_same_geometry(record.ed_label.path, label_affine, record.ed_image.path, affine)
-        if not np.any(label == LV_LABEL):
-            label = None
     return np.stack([ed, es]), label, affine
 
 
@@ -151,33 +151,69 @@ def _normalise(values: np.ndarray, already_normalised: bool, path: Path) -> np.n
 def preprocess(record: SubjectRecord, geometry: Geometry) -> PreparedVolume:
     """Run the whole pipeline on one subject."""
     images, label, affine = _load(record)
+    sources = (record.ed_image.path, record.es_image.path)
+    return preprocess_arrays(images, label, affine, geometry, record.layout, sources)
+
+
+def preprocess_arrays(
+    images: np.ndarray,
+    label: np.ndarray | None,
+    affine: np.ndarray,
+    geometry: Geometry,
+    layout: str,
+    sources: Sequence[Path | str],
+) -> PreparedVolume:
+    """Steps 2-5 on loaded arrays: ED/ES `images` (2, X, Y, Z) float32, the unified ED `label` (X, Y, Z) uint8 or
+    None (a label without LV counts as none), their float64 `affine`; `sources` name the ED and ES in errors."""
+    if label is not None and not np.any(label == LV_LABEL):
+        label = None
     original_spacing = voxel_spacing(affine)
     if not np.allclose(original_spacing, geometry.spacing, rtol=1e-3):
         images, label, affine = _resample(images, label, affine, geometry.spacing)
-    centre, method = _crop_centre(images, label, record.layout, geometry.spacing)
+    centre, method = _crop_centre(images, label, layout, geometry.spacing)
     shape = images.shape[1:]
     targets = (*geometry.crop, geometry.depth)
     starts = [_window_start(centre[axis], shape[axis], targets[axis], pad_at_end=axis == 2) for axis in range(3)]
     source = tuple(slice(max(s, 0), min(s + t, n)) for s, t, n in zip(starts, targets, shape, strict=True))
     target = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(source, starts, strict=True))
     volume = np.zeros((*targets, 2), dtype=np.float32)
-    for channel, ref in enumerate((record.ed_image, record.es_image)):
+    for channel, path in enumerate(sources):
         window = images[channel][source]
-        volume[(*target, channel)] = _normalise(window, record.layout == "cinema", ref.path)
+        volume[(*target, channel)] = _normalise(window, layout == "cinema", path)
     shift = np.eye(4)
     shift[:3, 3] = starts
     return PreparedVolume(volume, affine @ shift, int(shape[2]), original_spacing, method)
 
 
-def write_volume(prepared: PreparedVolume, path: Path) -> None:
-    """Save as NIfTI (X, Y, Z, 2) stored as scaled uint8 (reads back as floats in [0, 1]), atomically."""
+def _volume_image(prepared: PreparedVolume) -> nib.Nifti1Image:
+    """The NIfTI image of a prepared volume: (X, Y, Z, 2) stored as scaled uint8 (reads back as floats in [0, 1])."""
     image = nib.Nifti1Image(prepared.volume, prepared.affine)
     image.set_data_dtype(np.uint8)
     image.header.set_xyzt_units("mm", "sec")
-    save_atomic(image, path)
+    return image
+
+
+def write_volume(prepared: PreparedVolume, path: Path) -> None:
+    """Save as NIfTI (X, Y, Z, 2) stored as scaled uint8 (reads back as floats in [0, 1]), atomically."""
+    save_atomic(_volume_image(prepared), path)
+
+
+def _channels_first(image: nib.Nifti1Image) -> np.ndarray:
+    """A prepared volume's image as float32 (2, X, Y, Z) in [0, 1]."""
+    return np.clip(np.moveaxis(image.get_fdata(dtype=np.float32), 3, 0), 0.0, 1.0)
 
 
 def read_volume(path: Path) -> np.ndarray:
     """A prepared volume as float32 (2, X, Y, Z) in [0, 1]."""
-    data = nib.load(str(path)).get_fdata(dtype=np.float32)
-    return np.clip(np.moveaxis(data, 3, 0), 0.0, 1.0)
+    return _channels_first(nib.load(str(path)))
+
+
+def stored_volume(prepared: PreparedVolume) -> np.ndarray:
+    """What `read_volume` gives for `prepared` once written (uint8 storage and scaling included), without a file."""
+    image = _volume_image(prepared)
+    return _channels_first(nib.Nifti1Image.from_bytes(image.to_bytes()))
+
+
+def to_uint8(volume: np.ndarray) -> np.ndarray:
+    """A volume read back in [0, 1] as the uint8 the data module holds (exact for stored volumes)."""
+    return np.rint(volume * 255).astype(np.uint8)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.records import InputError
-from data_prep.splits import SPLITS
+from data_prep.splits import MANIFEST_SPLITS, SPLITS
 from models.atomic_io import write_text_atomic
 from models.protocol import MIN_SUBJECTS_PER_FIGURE, MIN_TRAIN_SUBJECTS, SITES
 
@@ -105,13 +105,19 @@ def summary(rows: Sequence[dict[str, object]], n_skipped: int, n_warnings: int =
 
 
 def split_counts(rows: Iterable[Mapping[str, object]]) -> dict[str, dict[str, Any]]:
-    """Subjects per client and split, with the healthy ones (label 0) per split: prepared.json `counts`."""
+    """Subjects per client and split, with the healthy ones (label 0) per split: prepared.json `counts` (train, val
+    and test always; another split of MANIFEST_SPLITS when present; any other value is a ValueError)."""
     counts: dict[str, dict[str, Any]] = {}
     for row in rows:
         client, split = str(row["client"]), str(row["split"])
+        if split not in MANIFEST_SPLITS:
+            raise ValueError(
+                f"row subject_id={row.get('subject_id', '?')!r}: field split is {split!r}, "
+                f"expected one of {', '.join(MANIFEST_SPLITS)}"
+            )
         entry = counts.setdefault(client, {**dict.fromkeys(SPLITS, 0), "healthy": dict.fromkeys(SPLITS, 0)})
-        entry[split] += 1
-        entry["healthy"][split] += 1 if int(row["label"]) == 0 else 0
+        entry[split] = entry.get(split, 0) + 1
+        entry["healthy"][split] = entry["healthy"].get(split, 0) + (1 if int(row["label"]) == 0 else 0)
     return dict(sorted(counts.items()))
 
 

@@ -9,6 +9,13 @@ from collections.abc import Iterable
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+REFERENCE_TEST_SPLIT = "test_siemens"
+"""Extra split of a benchmark root (data_prep/benchmark_cohort.py): every test heart rendered with the Siemens
+profile, to measure a model on the same hearts without the site's appearance."""
+REFERENCE_SUFFIX = "__siemens"
+"""Subject id of a reference rendering: its test subject's id followed by this suffix."""
+MANIFEST_SPLITS = (*SPLITS, REFERENCE_TEST_SPLIT)
+"""Every value the `split` column of a manifest may hold."""
 
 
 def _rng(seed: int, *keys: object) -> np.random.Generator:

@@ -4,6 +4,10 @@
 M&Ms-2 SIEMENS, philips = M&Ms-1 B + M&Ms-2 Philips, ge = M&Ms-1 C + M&Ms-2 GE, canon = M&Ms-1 D), with per-vendor
 class mixes from the real counts (data_prep/vendors.py, docs/synthetic-cohort.md). Output:
 RAW/ACDC/database/{training,testing}/patientNNN/..., RAW/MnM/OpenDataset/..., RAW/MnM2/....
+`--heterogeneity h` moves every vendor's appearance and class mix towards Siemens' look and the pooled mix (h = 0)
+or beyond the real ones (h up to 1.5); `--concept-shift SITE:CODES=healthy` records those hearts at that site as NOR.
+`--frame-noise` draws each cine frame's noise from its own generator (the benchmark cohorts' scheme) instead of the
+subject's main generator (the default, bit-compatible with earlier cohorts).
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ import argparse
 import multiprocessing
 import sys
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.anatomy import sample_heart
+from data_prep.anatomy import HeartParams, sample_heart
 from data_prep.layouts import (
     Appearance,
+    axis_aligned_affine,
     four_chamber_affine,
     oblique_affine,
     write_acdc,
@@ -28,9 +33,9 @@ from data_prep.layouts import (
     write_mnms,
     write_mnms2,
 )
-from data_prep.phantom import render_four_chamber, render_sax, sample_acquisition
+from data_prep.phantom import Acquisition, FrameNoise, render_four_chamber, render_sax, sample_acquisition
+from data_prep.records import KNOWN_CODES
 from data_prep.vendors import (
-    CLASS_MIX,
     DATASET_SHARES,
     MNMS2_TEST_ONLY_CODES,
     MNMS2_VENDOR_FIELDS,
@@ -39,7 +44,10 @@ from data_prep.vendors import (
     MNMS_VENDOR_FIELDS,
     PROFILES,
     VendorProfile,
+    check_heterogeneity,
+    class_mix_at,
     largest_remainder,
+    profile_at,
 )
 from models.protocol import SITES
 
@@ -48,15 +56,27 @@ MNMS_CSV = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
 MNMS_COLUMNS = ("", "External code", "VendorName", "Vendor", "Centre", "ED", "ES", "Age", "Pathology", "Sex")
 MNMS2_COLUMNS = ("SUBJECT_CODE", "DISEASE", "VENDOR", "SCANNER", "FIELD")
 ACDC_BLOCKS = {"DCM": 1, "HCM": 21, "MINF": 41, "NOR": 61, "RV": 81}
+ACDC_BLOCK_SIZE = 20
+"""Training ids per group block (patient001-020 DCM, ...); further subjects of a group go to testing."""
 FRAMES = {"acdc": (12, 20), "mnms": (18, 20), "mnms2": (18, 20)}
 HEART_ANGLE = {"acdc": np.pi / 2, "mnms": np.pi / 3, "mnms2": 2 * np.pi / 3}
 NON_ORTHONORMAL_FRACTION = 0.3
 MNMS2_PADDING_ROWS = 8
+HEALTHY_CODE = "NOR"
+CONCEPT_SHIFT_SYNTAX = "SITE:CODE[,CODE...]=healthy, e.g. ge:HCM,HHD=healthy"
+NOISE_STREAMS = {"sax": 5, "lax": 6}
+"""Second seed word of the per-frame noise generators, (seed, stream, index, frame) per cine view. Words 0-4 seed
+the plan, a subject's main and auxiliary generators and data_prep.benchmark_cohort's dealing and splits; they are
+avoided because numpy seeds a key like (seed, 3) and (seed, 3, 0, 0) alike."""
 
 
 @dataclass(frozen=True)
 class SubjectPlan:
-    """One synthetic subject: where it goes and what it has; `index` seeds its own generator."""
+    """One synthetic subject: where it goes and what it has; `index` seeds its own generator.
+
+    `pathology` is the code recorded in the files (hence the readers' code and label); `heart` is the code whose
+    anatomy is drawn (the same unless a concept shift recorded the heart as healthy).
+    """
 
     vendor: str
     dataset: str
@@ -64,6 +84,73 @@ class SubjectPlan:
     index: int
     pid: str = ""
     folder: str = ""
+    heart: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.heart:
+            object.__setattr__(self, "heart", self.pathology)
+
+
+@dataclass(frozen=True)
+class ConceptShift:
+    """`--concept-shift SITE:CODES=healthy`: at `site`, hearts of `codes` are recorded as healthy (NOR, label 0);
+    their anatomy stays that of the code."""
+
+    site: str
+    codes: frozenset[str]
+
+    def __str__(self) -> str:
+        return f"{self.site}:{','.join(sorted(self.codes))}=healthy"
+
+    @classmethod
+    def parse(cls, text: str) -> ConceptShift:
+        """Parse `SITE:CODE[,CODE...]=healthy`; ValueError naming --concept-shift on bad syntax or unknown names.
+
+        `=diseased` is refused: the layouts record a pathology code, not a label, so recording a healthy heart as
+        diseased would need an invented disease code per dataset (and a disease no anatomy shows).
+        """
+        where = f"--concept-shift {text!r}"
+        site, colon, rule = text.partition(":")
+        codes_text, equals, target = rule.partition("=")
+        if not colon or not equals:
+            raise ValueError(f"{where}: expected {CONCEPT_SHIFT_SYNTAX}")
+        if site not in SITES:
+            raise ValueError(f"{where}: unknown site {site!r}; choose one of {', '.join(SITES)}")
+        if target == "diseased":
+            raise ValueError(
+                f"{where}: =diseased is not supported: the layouts record a pathology code, not a label, so a healthy "
+                "heart recorded as diseased would need an invented disease code; relabel disease codes =healthy"
+            )
+        if target != "healthy":
+            raise ValueError(f"{where}: unknown rule target {target!r}; expected {CONCEPT_SHIFT_SYNTAX}")
+        codes = [code.strip() for code in codes_text.split(",")]
+        disease_codes = frozenset().union(*KNOWN_CODES.values()) - {HEALTHY_CODE}
+        unknown = [code for code in codes if code not in disease_codes]
+        if unknown:
+            raise ValueError(
+                f"{where}: {unknown} are not disease codes; choose from {', '.join(sorted(disease_codes))}"
+            )
+        return cls(site, frozenset(codes))
+
+
+def parse_concept_shifts(values: Iterable[str | ConceptShift] | str | ConceptShift | None) -> tuple[ConceptShift, ...]:
+    """Concept shifts from option values or ConceptShift objects (None = none), at most one per site."""
+    if values is None:
+        return ()
+    items = [values] if isinstance(values, str | ConceptShift) else list(values)
+    shifts = tuple(item if isinstance(item, ConceptShift) else ConceptShift.parse(item) for item in items)
+    sites = [shift.site for shift in shifts]
+    twice = sorted({site for site in sites if sites.count(site) > 1})
+    if twice:
+        raise ValueError(f"--concept-shift: site(s) {twice} given twice; list all of a site's codes in one rule")
+    return shifts
+
+
+def shifted(plan: SubjectPlan, site: str, shifts: Sequence[ConceptShift]) -> SubjectPlan:
+    """`plan` with its recorded code as seen at `site`: NOR when a concept shift there names its heart's code."""
+    if any(shift.site == site and plan.heart in shift.codes for shift in shifts):
+        return replace(plan, pathology=HEALTHY_CODE)
+    return plan
 
 
 def _tie_broken_counts(total: int, weights: dict[str, float], rng: np.random.Generator) -> dict[str, int]:
@@ -74,38 +161,55 @@ def _tie_broken_counts(total: int, weights: dict[str, float], rng: np.random.Gen
     return {key: counts[key] for key in keys}
 
 
-def plan_vendor(vendor: str, n_subjects: int, rng: np.random.Generator) -> list[SubjectPlan]:
-    """Dataset and pathology of each subject of one vendor; both labels present whenever n_subjects >= 2."""
+def plan_vendor(
+    vendor: str, n_subjects: int, rng: np.random.Generator, heterogeneity: float = 1.0, min_healthy: int = 0
+) -> list[SubjectPlan]:
+    """Dataset and pathology of each subject of one vendor (class mix at `heterogeneity`); both labels present
+    whenever n_subjects >= 2; at least `min_healthy` healthy (randomly chosen diseased subjects made healthy)."""
     per_dataset = _tie_broken_counts(n_subjects, DATASET_SHARES[vendor], rng)
+    mixes = {dataset: class_mix_at(vendor, dataset, heterogeneity) for dataset in per_dataset}
     codes: dict[str, list[str]] = {}
     for dataset, count in per_dataset.items():
-        mix = _tie_broken_counts(count, CLASS_MIX[vendor, dataset], rng)
+        mix = _tie_broken_counts(count, mixes[dataset], rng)
         codes[dataset] = [code for code, n in mix.items() for _ in range(n)]
+    if min_healthy > 0:
+        _enrich_healthy(codes, min_healthy, rng)
     all_codes = [code for dataset_codes in codes.values() for code in dataset_codes]
-    if n_subjects >= 2 and "NOR" not in all_codes:
-        _swap_one(codes, vendor, to_healthy=True)
-    elif n_subjects >= 2 and all(code == "NOR" for code in all_codes):
-        _swap_one(codes, vendor, to_healthy=False)
+    if n_subjects >= 2 and HEALTHY_CODE not in all_codes:
+        _swap_one(codes, mixes, to_healthy=True)
+    elif n_subjects >= 2 and all(code == HEALTHY_CODE for code in all_codes):
+        _swap_one(codes, mixes, to_healthy=False)
     plans = []
     for dataset, dataset_codes in codes.items():
         plans.extend(SubjectPlan(vendor, dataset, code, 0) for code in dataset_codes)
     return plans
 
 
-def _swap_one(codes: dict[str, list[str]], vendor: str, to_healthy: bool) -> None:
+def _enrich_healthy(codes: dict[str, list[str]], min_healthy: int, rng: np.random.Generator) -> None:
+    """Make randomly chosen diseased subjects healthy until `min_healthy` are (the disease mix keeps its shares in
+    expectation)."""
+    diseased = [(d, i) for d, values in codes.items() for i, code in enumerate(values) if code != HEALTHY_CODE]
+    missing = min_healthy - (sum(map(len, codes.values())) - len(diseased))
+    if missing > len(diseased):
+        raise ValueError(f"at least {min_healthy} healthy subjects asked of {sum(map(len, codes.values()))}")
+    for choice in rng.choice(len(diseased), size=max(missing, 0), replace=False):
+        dataset, i = diseased[choice]
+        codes[dataset][i] = HEALTHY_CODE
+
+
+def _swap_one(codes: dict[str, list[str]], mixes: dict[str, dict[str, float]], to_healthy: bool) -> None:
     """Turn one subject into the missing label, in the dataset where that label is most common."""
 
     def healthy_share(dataset: str) -> float:
-        mix = CLASS_MIX[vendor, dataset]
-        return mix["NOR"] / sum(mix.values())
+        return mixes[dataset].get(HEALTHY_CODE, 0.0) / sum(mixes[dataset].values())
 
     candidates = [dataset for dataset, dataset_codes in codes.items() if dataset_codes]
     dataset = max(candidates, key=healthy_share) if to_healthy else min(candidates, key=healthy_share)
     if to_healthy:
-        codes[dataset][-1] = "NOR"
+        codes[dataset][-1] = HEALTHY_CODE
     else:
-        mix = CLASS_MIX[vendor, dataset]
-        codes[dataset][-1] = max((code for code in mix if code != "NOR"), key=mix.__getitem__)
+        mix = mixes[dataset]
+        codes[dataset][-1] = max((code for code in mix if code != HEALTHY_CODE), key=mix.__getitem__)
 
 
 def _mnms_code(rng: np.random.Generator, taken: set[str]) -> str:
@@ -125,7 +229,8 @@ def _assign_ids(plans: list[SubjectPlan], rng: np.random.Generator) -> list[Subj
     training_block = Counter()
     n_testing = 0
     for plan in acdc:
-        if training_block[plan.pathology] < round(2 * sum(p.pathology == plan.pathology for p in acdc) / 3):
+        n_training = round(2 * sum(p.pathology == plan.pathology for p in acdc) / 3)
+        if training_block[plan.pathology] < min(n_training, ACDC_BLOCK_SIZE):
             number = ACDC_BLOCKS[plan.pathology] + training_block[plan.pathology]
             training_block[plan.pathology] += 1
             assigned.append(_with(plan, f"patient{number:03d}", "training"))
@@ -147,15 +252,24 @@ def _assign_ids(plans: list[SubjectPlan], rng: np.random.Generator) -> list[Subj
         assigned.extend(_with(plan, _mnms_code(rng, taken), folder) for plan, folder in folders)
     mnms2 = sorted((p for p in plans if p.dataset == "mnms2"), key=lambda p: p.pathology in MNMS2_TEST_ONLY_CODES)
     assigned.extend(_with(plan, f"{number:03d}", "dataset") for number, plan in enumerate(mnms2, start=1))
-    return [SubjectPlan(p.vendor, p.dataset, p.pathology, index, p.pid, p.folder) for index, p in enumerate(assigned)]
+    return [replace(plan, index=index) for index, plan in enumerate(assigned)]
 
 
 def _with(plan: SubjectPlan, pid: str, folder: str) -> SubjectPlan:
-    return SubjectPlan(plan.vendor, plan.dataset, plan.pathology, plan.index, pid, folder)
+    return replace(plan, pid=pid, folder=folder)
 
 
-def plan_cohort(seed: int, subjects_per_vendor: int, vendors: Sequence[str] = SITES) -> list[SubjectPlan]:
-    """The whole cohort plan (deterministic for a seed and a vendor list), vendors in SITES order."""
+def plan_cohort(
+    seed: int,
+    subjects_per_vendor: int,
+    vendors: Sequence[str] = SITES,
+    heterogeneity: float = 1.0,
+    concept_shift: Sequence[ConceptShift] = (),
+    min_healthy: int = 0,
+) -> list[SubjectPlan]:
+    """The whole cohort plan (deterministic for its arguments), vendors in SITES order: class mixes at
+    `heterogeneity`, hearts recorded as healthy per `concept_shift` (site = vendor), at least `min_healthy` healthy
+    hearts per vendor."""
     unknown = sorted(set(vendors) - set(SITES))
     if unknown or not vendors:
         raise ValueError(f"--vendors {list(vendors)}: choose one or more of {', '.join(SITES)}")
@@ -165,7 +279,11 @@ def plan_cohort(seed: int, subjects_per_vendor: int, vendors: Sequence[str] = SI
         raise ValueError("--subjects-per-vendor above 400 would overflow the 3-digit M&Ms-2 ids")
     rng = np.random.default_rng([seed, 0])
     chosen = [vendor for vendor in SITES if vendor in vendors]
-    plans = [plan for vendor in chosen for plan in plan_vendor(vendor, subjects_per_vendor, rng)]
+    plans = [
+        shifted(plan, vendor, concept_shift)
+        for vendor in chosen
+        for plan in plan_vendor(vendor, subjects_per_vendor, rng, heterogeneity, min_healthy)
+    ]
     return _assign_ids(plans, rng)
 
 
@@ -174,16 +292,32 @@ def _appearance(profile: VendorProfile, rng: np.random.Generator) -> Appearance:
     return Appearance(dtype, float(rng.uniform(*profile.max_value)) / 1.5)
 
 
-def synthesize_subject(plan: SubjectPlan, seed: int, out: Path, render_profile: str | None = None) -> list[object]:
-    """Render and write one subject; returns its metadata CSV row (M&Ms-1 / M&Ms-2) or an empty list (ACDC).
+@dataclass(frozen=True)
+class SubjectDraw:
+    """What a subject's generators draw before its cine is rendered: heart, acquisition, stored appearance, the
+    M&Ms-2 scanner ("" elsewhere) and whether the field is 3 T."""
 
-    `render_profile` renders the subject with another vendor's acquisition and appearance profile. The heart is
-    drawn first from the subject's own generator, so it is the same heart whatever the profile; the dataset,
-    files and metadata (vendor fields) stay those of the plan.
+    heart: HeartParams
+    acq: Acquisition
+    appearance: Appearance
+    scanner: str
+    field_3t: bool
+
+
+def draw_subject(
+    plan: SubjectPlan, seed: int, heterogeneity: float = 1.0, render_profile: str | None = None
+) -> tuple[np.random.Generator, SubjectDraw]:
+    """The subject's main generator (to render its cine with next) and what it drew first.
+
+    The profile is that of `render_profile` (default: the plan's vendor) at `heterogeneity`. The heart is drawn first
+    from the subject's own generator, so it is the same heart whatever the profile. Factors added after the first
+    release (gamma, blur) come from a second generator, so the main one is consumed as before.
     """
     rng = np.random.default_rng([seed, 1, plan.index])
-    profile = PROFILES[render_profile or plan.vendor]
-    heart = sample_heart(plan.pathology, rng)
+    aux = np.random.default_rng([seed, 2, plan.index])
+    profile = profile_at(render_profile or plan.vendor, heterogeneity)
+    heart = sample_heart(plan.heart, rng)
+    scanner = ""
     if plan.dataset == "acdc":
         field_3t = rng.random() < profile.field_3t_fraction
         step = 5.0 if rng.random() < 0.15 else 10.0
@@ -194,29 +328,76 @@ def synthesize_subject(plan: SubjectPlan, seed: int, out: Path, render_profile: 
         step = float(rng.choice([8.0, 10.0, 10.0, 10.0, 12.0]))
     else:
         field_3t, step = False, 10.0
-    acq = sample_acquisition(profile, heart, rng, step, FRAMES[plan.dataset], field_3t, HEART_ANGLE[plan.dataset])
-    appearance = _appearance(profile, rng)
-    cine = render_sax(heart, acq, rng)
+    frames, angle = FRAMES[plan.dataset], HEART_ANGLE[plan.dataset]
+    acq = sample_acquisition(profile, heart, rng, step, frames, field_3t, angle, aux)
+    return rng, SubjectDraw(heart, acq, _appearance(profile, rng), scanner, field_3t)
+
+
+def sax_affine(plan: SubjectPlan, acq: Acquisition, rng: np.random.Generator) -> np.ndarray:
+    """The short-axis stack's affine, drawn right after its cine: ACDC axis-aligned; M&Ms double-oblique, sheared
+    (non-orthonormal) in some GE / Canon validation and testing cases."""
     if plan.dataset == "acdc":
-        info = {"Group": plan.pathology, "Height": f"{rng.normal(172, 9):.1f}", "Weight": f"{rng.normal(78, 14):.1f}"}
-        write_acdc(out / "ACDC" / "database" / plan.folder / plan.pid, plan.pid, cine, acq, appearance, info)
-        return []
+        return axis_aligned_affine(acq)
     if plan.dataset == "mnms":
         quirky = plan.vendor in ("ge", "canon") and not plan.folder.startswith("Training")
         shear = float(rng.uniform(0.01, 0.04)) if quirky and rng.random() < NON_ORTHONORMAL_FRACTION else 0.0
-        affine = oblique_affine(acq, rng, shear)
+        return oblique_affine(acq, rng, shear)
+    return oblique_affine(acq, rng)
+
+
+def cine_noise(
+    plan: SubjectPlan, seed: int, view: str, rng: np.random.Generator, frame_noise: bool
+) -> np.random.Generator | FrameNoise:
+    """Where the noise of the subject's `view` cine ("sax" or "lax") comes from: by default the main generator `rng`
+    (drawn in turn with everything else: SAX noise, affine, ..., LAX noise); with `frame_noise`, each frame's own
+    generator, seeded with (seed, NOISE_STREAMS[view], plan.index, frame), so rendering some frames draws only
+    theirs and the main generator draws no noise."""
+    if not frame_noise:
+        return rng
+    stream = NOISE_STREAMS[view]
+    return lambda frame: np.random.default_rng([seed, stream, plan.index, frame])
+
+
+def annotated(plan: SubjectPlan) -> bool:
+    """Whether the subject's files hold label maps (not in M&Ms-1 Training/Unlabeled)."""
+    return plan.folder != "Training/Unlabeled"
+
+
+def synthesize_subject(
+    plan: SubjectPlan,
+    seed: int,
+    out: Path,
+    render_profile: str | None = None,
+    heterogeneity: float = 1.0,
+    frame_noise: bool = False,
+) -> list[object]:
+    """Render and write one subject; returns its metadata CSV row (M&Ms-1 / M&Ms-2) or an empty list (ACDC).
+
+    `render_profile` renders the subject with another vendor's acquisition and appearance profile (see
+    `draw_subject`); the dataset, files and metadata (vendor fields) stay those of the plan. `frame_noise` draws
+    each cine frame's noise from its own generator (see `cine_noise`).
+    """
+    rng, subject = draw_subject(plan, seed, heterogeneity, render_profile)
+    acq, appearance = subject.acq, subject.appearance
+    cine = render_sax(subject.heart, acq, cine_noise(plan, seed, "sax", rng, frame_noise))
+    affine = sax_affine(plan, acq, rng)
+    if plan.dataset == "acdc":
+        info = {"Group": plan.pathology, "Height": f"{rng.normal(172, 9):.1f}", "Weight": f"{rng.normal(78, 14):.1f}"}
+        write_acdc(out / "ACDC" / "database" / plan.folder / plan.pid, plan.pid, cine, acq, appearance, affine, info)
+        return []
+    if plan.dataset == "mnms":
         folder = out / "MnM" / "OpenDataset" / plan.folder / plan.pid
-        write_mnms(folder, plan.pid, cine, acq, appearance, affine, annotated=plan.folder != "Training/Unlabeled")
+        write_mnms(folder, plan.pid, cine, acq, appearance, affine, annotated=annotated(plan))
         vendor_name, letter, centres = MNMS_VENDOR_FIELDS[plan.vendor]
         sex = "M" if rng.random() < 0.6 else "F"
         row = [plan.pid, vendor_name, letter, centres[rng.integers(len(centres))], acq.ed, acq.es]
         return [*row, int(rng.integers(18, 85)), plan.pathology, sex, *_height_weight(rng)]
-    sax_affine = oblique_affine(acq, rng)
-    lax = render_four_chamber(heart, acq, rng)
-    lax_affine = four_chamber_affine(sax_affine, acq, acq.spacing[0], 60.0)
-    write_mnms2(out / "MnM2" / "dataset" / plan.pid, plan.pid, cine, lax, acq, appearance, sax_affine, lax_affine)
+    lax = render_four_chamber(subject.heart, acq, cine_noise(plan, seed, "lax", rng, frame_noise))
+    lax_affine = four_chamber_affine(affine, acq, acq.spacing[0], 60.0)
+    write_mnms2(out / "MnM2" / "dataset" / plan.pid, plan.pid, cine, lax, acq, appearance, affine, lax_affine)
     disease = "FAIL" if plan.pathology == "FALL" and rng.random() < 0.5 else plan.pathology
-    return [int(plan.pid), disease, MNMS2_VENDOR_FIELDS[plan.vendor][0], scanner, "3.0" if field_3t else "1.5"]
+    field = "3.0" if subject.field_3t else "1.5"
+    return [int(plan.pid), disease, MNMS2_VENDOR_FIELDS[plan.vendor][0], subject.scanner, field]
 
 
 def _height_weight(rng: np.random.Generator) -> list[str]:
@@ -226,7 +407,7 @@ def _height_weight(rng: np.random.Generator) -> list[str]:
     return [f"{rng.normal(170, 9):.0f}", f"{rng.normal(77, 14):.1f}"]
 
 
-def _synthesize_task(task: tuple[SubjectPlan, int, Path, str | None]) -> list[object]:
+def _synthesize_task(task: tuple[SubjectPlan, int, Path, str | None, float, bool]) -> list[object]:
     return synthesize_subject(*task)
 
 
@@ -237,12 +418,17 @@ def synthesize(
     workers: int = 1,
     vendors: Sequence[str] = SITES,
     render_profile: str | None = None,
+    heterogeneity: float = 1.0,
+    concept_shift: Sequence[ConceptShift] = (),
+    frame_noise: bool = False,
 ) -> list[SubjectPlan]:
-    """Write the whole cohort under `out` and return its plan (identical output for any number of workers)."""
+    """Write the whole cohort under `out` and return its plan (identical output for any number of workers);
+    `frame_noise` draws each cine frame's noise from its own generator (see `cine_noise`)."""
     if render_profile is not None and render_profile not in PROFILES:
         raise ValueError(f"--render-profile {render_profile!r}: choose one of {', '.join(PROFILES)}")
-    plans = plan_cohort(seed, subjects_per_vendor, vendors)
-    tasks = [(plan, seed, out, render_profile) for plan in plans]
+    check_heterogeneity(heterogeneity)
+    plans = plan_cohort(seed, subjects_per_vendor, vendors, heterogeneity, concept_shift)
+    tasks = [(plan, seed, out, render_profile, heterogeneity, frame_noise) for plan in plans]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             rows = pool.map(_synthesize_task, tasks, chunksize=1)
@@ -270,10 +456,14 @@ def class_counts(plans: Sequence[SubjectPlan]) -> str:
     for vendor in sorted({p.vendor for p in plans}, key=SITES.index):
         counts = Counter(p.pathology for p in plans if p.vendor == vendor)
         datasets = Counter(p.dataset for p in plans if p.vendor == vendor)
-        healthy = counts.get("NOR", 0)
+        healthy = f"healthy {counts.get(HEALTHY_CODE, 0)}"
+        shifted_hearts = Counter(p.heart for p in plans if p.vendor == vendor and p.heart != p.pathology)
+        if shifted_hearts:
+            hearts = ", ".join(f"{code} {n}" for code, n in sorted(shifted_hearts.items()))
+            healthy += f" (hearts recorded healthy by --concept-shift: {hearts})"
         mix = ", ".join(f"{code} {n}" for code, n in sorted(counts.items()))
         origin = ", ".join(f"{name} {n}" for name, n in sorted(datasets.items()))
-        lines.append(f"{vendor:<8} {sum(counts.values()):>3} ({origin}); healthy {healthy}; {mix}")
+        lines.append(f"{vendor:<8} {sum(counts.values()):>3} ({origin}); {healthy}; {mix}")
     return "\n".join(lines)
 
 
@@ -297,10 +487,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=sorted(PROFILES),
         help="render every subject with this vendor's acquisition and appearance profile (same hearts, same files)",
     )
+    parser.add_argument(
+        "--heterogeneity",
+        type=float,
+        default=1.0,
+        help="0 = every vendor looks like Siemens with the pooled class mix, 1 = the real profiles and mixes "
+        "(default), up to 1.5 = beyond",
+    )
+    parser.add_argument(
+        "--concept-shift",
+        action="append",
+        default=[],
+        metavar="SITE:CODES=healthy",
+        help="record these hearts at this site as healthy (NOR), e.g. ge:HCM,HHD=healthy (repeatable, one per site)",
+    )
+    parser.add_argument(
+        "--frame-noise",
+        action="store_true",
+        help="draw each cine frame's noise from its own generator (the benchmark cohorts' scheme) instead of the "
+        "subject's main generator (the default, bit-compatible with earlier cohorts)",
+    )
     args = parser.parse_args(argv)
     try:
         plans = synthesize(
-            args.out, args.seed, args.subjects_per_vendor, args.workers, args.vendors, args.render_profile
+            args.out,
+            args.seed,
+            args.subjects_per_vendor,
+            args.workers,
+            args.vendors,
+            args.render_profile,
+            args.heterogeneity,
+            parse_concept_shifts(args.concept_shift),
+            args.frame_noise,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Per-vendor acquisition/appearance profiles, dataset shares and class mixes of the synthetic cohort.
+"""Per-vendor acquisition/appearance profiles, dataset shares and class mixes of the synthetic cohort, and both at a
+heterogeneity h (0 = every vendor looks like Siemens with the pooled class mix, 1 = the real ones, 1.5 = beyond).
 
 Numbers follow reference-data.md §2, §3, §6: real per-centre / per-vendor counts for the class mixes; §6 ranges for
 spacing, SNR, bias, contrast and sharpness. Matrix sizes and frame counts are taken from the low end of the real
@@ -7,7 +8,10 @@ ranges so that generation stays fast (documented in docs/synthetic-cohort.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+
+from data_prep.records import KNOWN_CODES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +29,10 @@ class VendorProfile:
     max_value: tuple[float, float]
     float_fraction: float = 0.0
     field_3t_fraction: float = 0.0
+    gamma: tuple[float, float] = (1.0, 1.0)
+    """Exponent of a gamma curve on the reconstructed magnitude (1 = none)."""
+    blur_mm: tuple[float, float] = (0.0, 0.0)
+    """Full width at half maximum (mm) of an in-plane Gaussian reconstruction blur (0 = none)."""
 
 
 PROFILES: dict[str, VendorProfile] = {
@@ -51,6 +59,7 @@ PROFILES: dict[str, VendorProfile] = {
             blood_to_myocardium=(2.5, 3.5),
             edge_mm=(1.0, 1.4),
             max_value=(1000.0, 4000.0),
+            blur_mm=(3.0, 3.5),
         ),
         VendorProfile(
             name="ge",
@@ -62,6 +71,7 @@ PROFILES: dict[str, VendorProfile] = {
             edge_mm=(1.4, 2.2),
             max_value=(200.0, 800.0),
             float_fraction=0.5,
+            blur_mm=(3.5, 4.5),
         ),
         VendorProfile(
             name="canon",
@@ -72,6 +82,7 @@ PROFILES: dict[str, VendorProfile] = {
             blood_to_myocardium=(2.5, 3.5),
             edge_mm=(0.7, 1.0),
             max_value=(800.0, 2500.0),
+            gamma=(0.8, 0.9),
         ),
     )
 }
@@ -120,6 +131,96 @@ MNMS2_VENDOR_FIELDS = {
     "ge": ("GE MEDICAL SYSTEMS", ("SIGNA EXCITE", "Signa Explorer", "Signa HDxt")),
 }
 MNMS2_TEST_ONLY_CODES = frozenset({"TRI", "RV"})
+
+
+REFERENCE_VENDOR = "siemens"
+"""The vendor every other vendor's profile moves to at heterogeneity 0."""
+HETEROGENEITY_RANGE = (0.0, 1.5)
+PROFILE_BOUNDS: dict[str, tuple[float, float]] = {
+    "spacing_mm": (0.8, 2.5),
+    "matrix": (128, 256),
+    "matrix_aspect": (1.0, 1.3),
+    "snr": (5.0, 60.0),
+    "bias_amplitude": (0.0, 0.6),
+    "blood_to_myocardium": (1.5, 5.0),
+    "edge_mm": (0.2, 3.0),
+    "max_value": (100.0, 6000.0),
+    "float_fraction": (0.0, 1.0),
+    "field_3t_fraction": (0.0, 1.0),
+    "gamma": (0.5, 2.0),
+    "blur_mm": (0.0, 8.0),
+}
+"""Sane bounds every interpolated profile value is clipped to (they hold every real profile, so h <= 1 is never
+clipped; above 1 they keep SNR, contrast and sizes physical and the gamma curve mild)."""
+
+
+def check_heterogeneity(heterogeneity: float) -> float:
+    """`heterogeneity` as a float, or ValueError naming the option when it lies outside HETEROGENEITY_RANGE."""
+    low, high = HETEROGENEITY_RANGE
+    if not low <= heterogeneity <= high:
+        raise ValueError(f"--heterogeneity {heterogeneity}: must lie in [{low}, {high}]")
+    return float(heterogeneity)
+
+
+def _between(reference: float, own: float, heterogeneity: float, name: str) -> float:
+    """(1 - h) * reference + h * own (exactly `own` at h = 1, `reference` at h = 0), clipped to the field's bounds."""
+    low, high = PROFILE_BOUNDS[name]
+    return min(max((1 - heterogeneity) * reference + heterogeneity * own, low), high)
+
+
+def profile_at(vendor: str, heterogeneity: float) -> VendorProfile:
+    """`vendor`'s profile at a heterogeneity: every numeric field interpolated between the reference vendor's (h = 0)
+    and its own (h = 1), extrapolated above 1 and clipped to PROFILE_BOUNDS; ranges stay ordered, matrices integer."""
+    check_heterogeneity(heterogeneity)
+    if vendor not in PROFILES:
+        raise ValueError(f"vendor {vendor!r} has no profile; choose one of {', '.join(PROFILES)}")
+    reference, own = PROFILES[REFERENCE_VENDOR], PROFILES[vendor]
+    values: dict[str, object] = {}
+    for field in fields(VendorProfile):
+        if field.name == "name":
+            continue
+        ours, theirs = getattr(own, field.name), getattr(reference, field.name)
+        if isinstance(ours, tuple):
+            pair = sorted(_between(r, o, heterogeneity, field.name) for r, o in zip(theirs, ours, strict=True))
+            values[field.name] = tuple(round(v) for v in pair) if field.name == "matrix" else tuple(pair)
+        else:
+            values[field.name] = _between(theirs, ours, heterogeneity, field.name)
+    return replace(own, **values)
+
+
+def _pooled_mix() -> dict[str, dict[str, float]]:
+    """Per dataset, the pooled class distribution: the healthy share of all real counts together (CLASS_MIX summed
+    over vendors and datasets), and the diseased share spread over the dataset's disease codes in proportion to
+    their pooled counts (codes the dataset's layout does not accept are left out)."""
+    pooled: Counter[str] = Counter()
+    for mix in CLASS_MIX.values():
+        pooled.update(mix)
+    healthy = pooled["NOR"] / sum(pooled.values())
+    mixes = {}
+    for dataset, codes in KNOWN_CODES.items():
+        diseased = {code: pooled[code] for code in sorted(codes - {"NOR"}) if pooled[code] > 0}
+        total = sum(diseased.values())
+        mixes[dataset] = {"NOR": healthy, **{code: (1 - healthy) * n / total for code, n in diseased.items()}}
+    return mixes
+
+
+POOLED_MIX: dict[str, dict[str, float]] = _pooled_mix()
+"""Class shares per dataset at heterogeneity 0 (the same healthy share, 26.5 %, at every site and dataset)."""
+
+
+def class_mix_at(vendor: str, dataset: str, heterogeneity: float) -> dict[str, float]:
+    """Class weights of (vendor, dataset) at a heterogeneity: (1 - h) x the pooled mix + h x the real counts (in the
+    real counts' scale, so h = 1 gives CLASS_MIX exactly, keys in the same order); codes of weight <= 0 dropped."""
+    check_heterogeneity(heterogeneity)
+    real = CLASS_MIX[vendor, dataset]
+    total = sum(real.values())
+    pooled = POOLED_MIX[dataset]
+    codes = [*real, *(code for code in pooled if code not in real)]
+    weights = {
+        code: (1 - heterogeneity) * pooled.get(code, 0.0) * total + heterogeneity * real.get(code, 0.0)
+        for code in codes
+    }
+    return {code: weight for code, weight in weights.items() if weight > 0}
 
 
 def largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:

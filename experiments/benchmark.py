@@ -1,4 +1,18 @@
-"""`python -m experiments.benchmark`: every method x seed as a resumable run, then results.csv, summary.md, plots."""
+"""`python -m experiments.benchmark`: the powered benchmark, from cohort synthesis to the report, in resumable parts.
+
+    python -m experiments.benchmark --part all            # pre-registration, headline, sweep, controls, report
+    python -m experiments.benchmark --part headline       # one part (<= 45 min on 2 cores), then the report
+    python -m experiments.benchmark --quick               # a smoke version of everything (minutes)
+
+Parts (experiments.design): `preregister` fixes the hyperparameters on an h = 0 validation cohort
+(experiments.preregistration) before any test set is scored; `headline` runs every method at h = 1; `sweep` five
+methods at h = 0, 0.5 and 1.5 (h = 1 is the headline's); `controls` the negative (zero-shift) and positive
+(concept-shift) controls; `report` writes results.csv, summary.md and the plots from the records. Every run leaves a
+small record in `<results>/records/` (experiments.records); a unit (a method on a condition) whose records all exist
+is never run again, so a later session resumes from committed records on a fresh machine. Cohorts and workspaces go
+to `--work` (not committed). A federated method runs all its seeds in one simulator job (replicas), so NVFlare's
+start-up is paid once per method and condition.
+"""
 
 from __future__ import annotations
 
@@ -8,128 +22,57 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data_prep.cohort import Cohort, assert_disjoint_from_standin, prepared, synthesized
-from experiments.report import write_report
-from experiments.runs import METHODS, RunSettings, run_method
-from models import standin
-from models.atomic_io import write_json_atomic, write_text_atomic
-from models.config import ConvViTConfig
-from models.standin import STANDIN, prepare_args
+from data_prep.benchmark_cohort import NOISE_SCHEME, BenchmarkCohortSpec
+from data_prep.benchmark_cohort import SCHEMA as COHORT_SCHEMA
+from experiments.cohorts import cohort_data
+from experiments.design import HEADLINE, PARTS, Condition, Unit, conditions_of, units_of
+from experiments.preregistration import (
+    Hyperparameters,
+    hyperparameters_of,
+    preregister,
+    read_preregistration,
+    settings_for,
+)
+from experiments.records import RECORD_SCHEMA, read_record, record_path, write_record
+from experiments.runs import METHODS, RunSettings, run_unit
+from experiments.sanity import SANITY_FILE, write_sanity
+from models.atomic_io import write_json_atomic
+from models.protocol import SEED_PLACEHOLDER
+from models.standin import STANDIN
 
-MARKER_NAME = "run_record.json"
-"""Written atomically as the last step of a run: a run directory holding it is finished and is never redone."""
-BENCHMARK_FILE = "benchmark.json"
-CINEMA_FIELD_OF_VIEW_MM = 192.0
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """The benchmark's unit of work: one method (or variant) with one seed."""
-
-    method: str
-    seed: int
-
-    @property
-    def run_id(self) -> str:
-        return f"{self.method}__seed{self.seed}"
-
-
-RunFunction = Callable[[RunSpec, Path], dict[str, Any]]
-"""Runs one spec inside its (empty) run directory and returns its run record (docs/evaluation.md, "Run record")."""
+PART_NAMES = ("preregister", *PARTS, "report")
+CONFIGURATION_FILE = "benchmark_configuration.json"
+QUICK_SIZES = {"train_per_site": 12, "val_per_site": 12, "test_per_site": 40, "min_test_healthy": 12}
+QUICK_HYPERPARAMETERS = Hyperparameters(rounds=2, local_epochs=1, lr=1e-3)
+Log = Callable[[str], None]
 
 
 class ConfigurationMismatch(RuntimeError):
-    """The output directory holds runs made with another configuration: resuming would mix them."""
+    """The results folder holds records made with another configuration: adding to it would mix them."""
 
 
-def check_configuration(out_dir: Path, configuration: Mapping[str, Any]) -> None:
-    """Record the configuration in out_dir/benchmark.json, or check that it equals the one recorded there."""
-    path = out_dir / BENCHMARK_FILE
-    wanted = json.loads(json.dumps(configuration))
-    if path.exists():
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        if recorded != wanted:
-            changed = sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
-            raise ConfigurationMismatch(
-                f"{path}: this benchmark directory was started with another configuration (differs in "
-                f"{', '.join(changed)}); resume with the same options or choose a new --out"
-            )
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, wanted)
+@dataclass(frozen=True)
+class Sizes:
+    """Per-site cohort sizes of every condition."""
 
+    train_per_site: int = 40
+    val_per_site: int = 40
+    test_per_site: int = 300
+    min_test_healthy: int = 90
 
-def read_record(run_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
-    """The finished run's record, or None when the run has not finished (no marker)."""
-    marker = run_dir / MARKER_NAME
-    if not marker.exists():
-        return None
-    record = json.loads(marker.read_text(encoding="utf-8"))
-    if (record.get("method"), record.get("seed")) != (spec.method, spec.seed):
-        raise ValueError(
-            f"{marker}: fields method/seed are {record.get('method')!r}/{record.get('seed')!r}, "
-            f"expected {spec.method!r}/{spec.seed!r}"
+    def spec(self, condition: Condition) -> BenchmarkCohortSpec:
+        return BenchmarkCohortSpec(
+            heterogeneity=condition.heterogeneity,
+            iid_sites=condition.iid_sites,
+            concept_shift=condition.concept_shift,
+            **asdict(self),
         )
-    return record
-
-
-@dataclass
-class Progress:
-    """Records of the finished runs, in spec order, and the runs that failed this time (with their error)."""
-
-    records: list[dict[str, Any]]
-    failed: list[tuple[RunSpec, str]]
-
-
-def run_pending(
-    specs: Sequence[RunSpec],
-    out_dir: Path,
-    run_function: RunFunction,
-    log: Callable[[str], None] = print,
-    keep_going: bool = False,
-) -> Progress:
-    """Run every spec that has no completion marker yet; finished runs are read back, never redone.
-
-    A run directory without a marker is the leftover of an interrupted or failed run: it is wiped and the run starts
-    again. With `keep_going`, a run that raises an Exception is logged (and its error kept in `error.txt`) and the
-    next one starts; otherwise the exception propagates. An interruption (KeyboardInterrupt) always propagates.
-    """
-    progress = Progress(records=[], failed=[])
-    for index, spec in enumerate(specs, start=1):
-        run_dir = out_dir / "runs" / spec.run_id
-        prefix = f"[{index}/{len(specs)}] {spec.method} seed {spec.seed}"
-        record = read_record(run_dir, spec)
-        if record is not None:
-            log(f"{prefix}: finished earlier, skipped")
-            progress.records.append(record)
-            continue
-        if run_dir.exists():
-            log(f"{prefix}: removing the unfinished run left in {run_dir}")
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        log(f"{prefix}: running")
-        started = time.monotonic()
-        try:
-            record = dict(run_function(spec, run_dir))
-        except Exception as error:
-            if not keep_going:
-                raise
-            message = f"{type(error).__name__}: {error}"
-            write_text_atomic(run_dir / "error.txt", message + "\n")
-            log(f"{prefix}: FAILED ({message}); continuing")
-            progress.failed.append((spec, message))
-            continue
-        record.update(method=spec.method, seed=spec.seed, wall_s=time.monotonic() - started)
-        write_text_atomic(run_dir / MARKER_NAME, json.dumps(record, indent=1) + "\n")
-        log(f"{prefix}: done in {record['wall_s']:.0f} s")
-        progress.records.append(record)
-    return progress
 
 
 def log(message: str) -> None:
@@ -137,147 +80,158 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def build_specs(methods: Sequence[str], seeds: Sequence[int]) -> list[RunSpec]:
-    """Seed-major order, so that an interrupted benchmark already holds every method for its first seeds."""
-    return [RunSpec(method, seed) for seed in seeds for method in methods]
+def check_configuration(results_dir: Path, configuration: Mapping[str, Any]) -> None:
+    """Record the configuration in the results folder, or check that it equals the one recorded there."""
+    path = results_dir / CONFIGURATION_FILE
+    wanted = json.loads(json.dumps(configuration))
+    if path.exists():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded != wanted:
+            changed = sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
+            raise ConfigurationMismatch(
+                f"{path}: these results were made with another configuration (differs in {', '.join(changed)}); "
+                "use the same options or another --results folder"
+            )
+        return
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, wanted)
 
 
-def geometry_options(backbone: str) -> list[str]:
-    """data_prep.prepare options for the backbone's input size, at CineMA's in-plane field of view (192 mm)."""
-    x, y, z = ConvViTConfig.preset(backbone).image_size
-    spacing = CINEMA_FIELD_OF_VIEW_MM / x
-    return ["--crop", str(x), str(y), "--depth", str(z), "--spacing", f"{spacing:g}", f"{spacing:g}", "10"]
+def pending_seeds(results_dir: Path, unit: Unit, seeds: Sequence[int]) -> list[int]:
+    """The seeds of a unit without a (readable) record."""
+    pending = []
+    for seed in seeds:
+        path = record_path(results_dir, unit.condition.name, unit.method, seed)
+        if not path.is_file():
+            pending.append(seed)
+            continue
+        record = read_record(path)
+        if (record["method"], record["seed"], record["condition"]["name"]) != (unit.method, seed, unit.condition.name):
+            raise ValueError(f"{path}: fields method/seed/condition do not match its place")
+    return pending
+
+
+def run_units(
+    units: Sequence[Unit],
+    results_dir: Path,
+    work_dir: Path,
+    base: RunSettings,
+    hyperparameters: Hyperparameters,
+    sizes: Sizes,
+    seeds: Sequence[int],
+    workers: int,
+) -> list[tuple[Unit, str]]:
+    """Run every unit that lacks records (only its missing seeds) and write one record per seed; returns the units
+    that failed (with their error). An interrupted unit leaves no record and runs again next time."""
+    failed = []
+    data: dict[Condition, str] = {}
+    for index, unit in enumerate(units, start=1):
+        prefix = f"[{index}/{len(units)}] {unit.name}"
+        todo = pending_seeds(results_dir, unit, seeds)
+        if not todo:
+            log(f"{prefix}: finished earlier, skipped")
+            continue
+        if unit.condition not in data:
+            out = work_dir / "cohorts" / unit.condition.name
+            data[unit.condition] = cohort_data(out, sizes.spec(unit.condition), seeds, workers, log)
+        settings = settings_for(base, data[unit.condition], hyperparameters)
+        unit_dir = work_dir / "runs" / unit.condition.name / unit.method
+        shutil.rmtree(unit_dir, ignore_errors=True)
+        log(f"{prefix}: running seeds {' '.join(map(str, todo))}")
+        started = time.monotonic()
+        try:
+            bodies = run_unit(METHODS[unit.method], settings, todo, unit_dir)
+        except Exception as error:  # one failed unit must not stop the others; it is reported and redone
+            message = f"{type(error).__name__}: {error}"
+            log(f"{prefix}: FAILED ({message}); continuing")
+            failed.append((unit, message))
+            continue
+        for seed, body in bodies.items():
+            record = {
+                "schema": RECORD_SCHEMA,
+                "condition": {"name": unit.condition.name, "role": unit.condition.role, **asdict(unit.condition)},
+                "method": unit.method,
+                "seed": seed,
+                "hyperparameters": asdict(hyperparameters),
+                "cohort": sizes.spec(unit.condition).settings(),
+                **body,
+            }
+            write_record(record_path(results_dir, unit.condition.name, unit.method, seed), record)
+        log(f"{prefix}: done in {time.monotonic() - started:.0f} s")
+    return failed
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="benchmark directory (created; resumed if it exists)")
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=list(METHODS),
-        choices=list(METHODS),
-        metavar="METHOD",
-        help=f"methods and variants to run (default: all of {', '.join(METHODS)})",
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark", description=__doc__.splitlines()[0], epilog=None
     )
-    parser.add_argument(
-        "--seeds",
-        nargs="+",
-        type=int,
-        default=[0, 1, 2],
-        help="each seed sets the split, the adapter initialisation and the data order (default 0 1 2)",
-    )
-    data = parser.add_mutually_exclusive_group()
-    data.add_argument("--prepared", type=Path, help="use this prepared root for every seed (the split is then fixed)")
-    data.add_argument("--raw", type=Path, help="raw cohort to prepare once per seed (default: synthesize one)")
-    parser.add_argument("--cohort-seed", type=int, default=0, help="seed of the synthesized federated cohort")
-    parser.add_argument(
-        "--subjects-per-vendor",
-        type=int,
-        default=40,
-        help="size of the synthesized cohort (40: 8 test subjects a site)",
-    )
-    parser.add_argument(
-        "--weights",
-        default=STANDIN,
-        help="standin (default: the committed stand-in backbone), random, or a CineMA .safetensors path",
-    )
+    parser.add_argument("--part", nargs="+", choices=[*PART_NAMES, "all"], default=["all"])
+    parser.add_argument("--quick", action="store_true", help="smoke version: small cohorts, 2 rounds, seeds 0 1")
+    parser.add_argument("--results", type=Path, default=None, help="records and report (default docs/results)")
+    parser.add_argument("--work", type=Path, default=Path("runs/benchmark"), help="cohorts and workspaces")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (quick: 0 1)")
+    parser.add_argument("--workers", type=int, default=2, help="processes building the cohorts")
+    parser.add_argument("--weights", default=STANDIN, help="standin (default), random, or a CineMA checkpoint path")
     parser.add_argument("--backbone", default=None, help="ConvViT preset for --weights random or a bare checkpoint")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--simulator-threads", type=int, default=2, help="sites trained in parallel (threads)")
+    parser.add_argument("--batch-size", type=int, default=4)
     return parser.parse_args(argv)
-
-
-def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
-    """Every option a single run's result depends on; methods and seeds may change when resuming."""
-    skipped = {"out", "methods", "seeds", "simulator_threads"}
-    return {
-        key: str(value) if isinstance(value, Path) else value
-        for key, value in vars(args).items()
-        if key not in skipped
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    out_dir = args.out.resolve()
+    parts = list(PART_NAMES) if "all" in args.part else list(args.part)
+    work_dir = (args.work / "quick" if args.quick else args.work).resolve()
+    results_dir = (args.results or (work_dir / "results" if args.quick else Path("docs/results"))).resolve()
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    sizes = Sizes(**QUICK_SIZES) if args.quick else Sizes()
+    base = RunSettings(data="", weights=args.weights, backbone=args.backbone, batch_size=args.batch_size, log=log)
+    configuration = {
+        "sizes": asdict(sizes),
+        "cohort": {"schema": COHORT_SCHEMA, "noise": NOISE_SCHEME, "test_seed": sizes.spec(HEADLINE).test_seed},
+        "weights": args.weights,
+        "backbone": args.backbone,
+        "quick": args.quick,
+    }
     try:
-        check_configuration(out_dir, run_configuration(args))
+        check_configuration(results_dir, configuration)
     except ConfigurationMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    options = prepare_args() if args.weights == STANDIN else geometry_options(args.backbone or "micro")
-    if args.prepared:
-        prepared_roots = dict.fromkeys(args.seeds, args.prepared.resolve())
-    else:
-        cohort = Cohort(args.cohort_seed, args.subjects_per_vendor)
-        raw = args.raw.resolve() if args.raw else synthesized(out_dir / "data" / "raw", cohort, log)
-        prepared_roots = {
-            seed: prepared(raw, out_dir / "data" / f"prepared_seed{seed}", seed, options, log, workers=1)
-            for seed in args.seeds
-        }
-    if args.weights == STANDIN:
-        for root in sorted(set(prepared_roots.values())):
-            assert_disjoint_from_standin(root)
-    settings = RunSettings(
-        prepared_roots=prepared_roots,
-        weights=args.weights,
-        backbone=args.backbone,
-        rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        simulator_threads=args.simulator_threads,
-        log=log,
-    )
-    specs = build_specs(args.methods, args.seeds)
-    progress = run_pending(
-        specs,
-        out_dir,
-        lambda spec, run_dir: run_method(METHODS[spec.method], settings, spec.seed, run_dir),
-        log=log,
-        keep_going=True,
-    )
-    header = summary_header(args, argv, progress)
-    notes = {method: METHODS[method].description for method in args.methods}
-    if progress.records:
-        write_report(progress.records, out_dir, notes, header, log=log)
-    for spec, message in progress.failed:
-        print(f"failed: {spec.method} seed {spec.seed}: {message}", file=sys.stderr)
-    return 1 if progress.failed else 0
+    if "preregister" in parts:
+        if args.quick:
+            log(f"quick: no pre-registration; smoke hyperparameters {asdict(QUICK_HYPERPARAMETERS)}")
+        elif read_preregistration(results_dir) is not None:
+            log(f"pre-registration: {results_dir / 'preregistration.json'} exists; it is never redone")
+        else:
+            log("pre-registration: tuning on the h = 0 validation cohort")
+            preregister(results_dir, work_dir, base, args.workers, log)
+    runs = [part for part in parts if part in PARTS]
+    failed: list[tuple[Unit, str]] = []
+    if runs:
+        if args.quick:
+            hyperparameters = QUICK_HYPERPARAMETERS
+        else:
+            preregistration = read_preregistration(results_dir)
+            if preregistration is None:
+                print("error: no pre-registration: run `--part preregister` first", file=sys.stderr)
+                return 2
+            hyperparameters = hyperparameters_of(preregistration)
+        units = units_of(tuple(runs), quick=args.quick)
+        log(f"{len(units)} units on {len(conditions_of(units))} conditions, seeds {' '.join(map(str, seeds))}")
+        failed = run_units(units, results_dir, work_dir, base, hyperparameters, sizes, seeds, args.workers)
+        if "headline" in runs and not (results_dir / SANITY_FILE).is_file():
+            headline = cohort_data(
+                work_dir / "cohorts" / HEADLINE.name, sizes.spec(HEADLINE), seeds, args.workers, log
+            )
+            write_sanity(results_dir, Path(headline.replace(SEED_PLACEHOLDER, str(seeds[0]))), log)
+    if "report" in parts or runs:
+        from experiments.report import write_report
 
-
-def summary_header(args: argparse.Namespace, argv: Sequence[str] | None, progress: Progress) -> list[str]:
-    """The first lines of summary.md: the command, the seeds, the settings and what the backbone is."""
-    command = " ".join(["python -m experiments.benchmark", *(sys.argv[1:] if argv is None else argv)])
-    lines = [
-        "# Methods compared",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Seeds: {' '.join(map(str, args.seeds))} (each sets the split, the adapter initialisation and the data "
-        f"order; the cohort is fixed{' and so is the split: --prepared' if args.prepared else ''}).",
-        f"Federation: {args.rounds} rounds x {args.local_epochs} local epoch(s), 4 sites, lr {args.lr}, "
-        f"batch {args.batch_size}.",
-    ]
-    if args.weights == STANDIN:
-        record = standin.read_record()
-        probe = record["probe"]["standin"]
-        lines.append(
-            f"Backbone: the committed stand-in for CineMA, NOT CineMA (models/pretrained/standin, sha256 "
-            f"{record['weights_sha256'][:12]}): `{record['settings']['preset']}` ConvViT pretrained on "
-            f"{record['settings']['objective']} of a separate Siemens-only cohort; frozen-feature probe AUROC "
-            f"{probe['auroc']:.3f}, pathology-group macro recall {probe['group_macro_recall']:.3f}."
-        )
-    else:
-        lines.append(f"Backbone: `{args.weights}` ({args.backbone or 'its config'}).")
-    for spec, message in progress.failed:
-        lines.append(f"**Failed run, not in the tables**: {spec.method} seed {spec.seed}: {message}")
-    return lines
+        write_report(results_dir, log=log)
+    for unit, message in failed:
+        print(f"failed: {unit.name}: {message}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ the domain-shift figure (the same hearts rendered with another vendor's profile)
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,13 @@ def pathology_group(code: str, subject_id: str = "") -> str:
 
 
 @torch.no_grad()
-def cohort_features(backbone: ConvViT, prepared: Path, batch_size: int = 16) -> dict[str, Any]:
-    """Frozen features of every subject of a prepared root, with its subject id, label and pathology group."""
-    rows = sorted(read_manifest(prepared / "manifest.csv"), key=lambda row: row["subject_id"])
+def cohort_features(
+    backbone: ConvViT, prepared: Path, batch_size: int = 16, keep: Callable[[Mapping[str, str]], bool] | None = None
+) -> dict[str, Any]:
+    """Frozen features of every subject of a prepared root (those whose manifest row `keep` accepts), with its
+    subject id, label and pathology group."""
+    rows = [row for row in read_manifest(prepared / "manifest.csv") if keep is None or keep(row)]
+    rows.sort(key=lambda row: row["subject_id"])
     backbone.eval()
     features = []
     for start in range(0, len(rows), batch_size):
@@ -101,6 +105,13 @@ def _scores(probabilities: np.ndarray, labels: np.ndarray, group_probabilities: 
             float(recall_score(groups, classes[group_probabilities.argmax(1)], average="macro")), 4
         ),
     }
+
+
+def probe_auroc(cohort: Mapping[str, Any], seed: int = 0) -> float:
+    """Healthy-vs-diseased AUROC of out-of-fold probe predictions on `cohort` (no pathology groups needed)."""
+    labels = np.asarray(cohort["labels"])
+    probabilities, _ = _out_of_fold(cohort["features"], labels, seed)
+    return round(float(roc_auc_score(labels, probabilities[:, 1])), 4)
 
 
 def probe_scores(cohort: Mapping[str, Any], seed: int = 0, shifted: Mapping[str, Any] | None = None) -> dict:

@@ -1,13 +1,14 @@
-"""The benchmark's methods and how one (method, seed) runs: an NVFlare simulator job, or the centralized baseline."""
+"""The benchmark's methods and how a method runs for several seeds: one NVFlare simulator job whose replicas are the
+seeds, or the centralized baseline once per seed; each seed's result becomes the body of a benchmark record."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,21 @@ from typing import Any
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.site_config import SiteConfig
+from data_prep.splits import REFERENCE_SUFFIX, REFERENCE_TEST_SPLIT
+from experiments.records import rounded
 from jobs.recipe import FederationConfig, export_job
 from jobs.simulate import SimulatorRun, last_epochs_only, run_simulator
 from models.dual_lora import DualLoRAConfig
 from models.policy import SharingPolicy, parameter_counts
-from models.protocol import DATA_ENV, ROUND_METRIC, SITES, STATE_ENV
+from models.protocol import DATA_ENV, SEED_PLACEHOLDER, SITES, STATE_ENV, replica_folder
 
 SIMULATOR_LOG = "simulator.log"
 ATTEMPTS = 2
 """Tries of one federated run: a stalled or failed simulator run is started once more in a fresh workspace."""
 GLOBAL_KIND_OF_CLIENT = {"personalised": "personalised", "global_only": "global"}
+SCORED_SPLITS = ("test", REFERENCE_TEST_SPLIT, "val")
+"""What a record keeps of every scored model: its test scores, those of the Siemens-profile renderings of the same
+test hearts, and its validation scores (the pre-registration's criterion; the threshold's source)."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,10 @@ METHODS: dict[str, MethodSpec] = {
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What every run of a benchmark shares; `prepared_roots[seed]` is the prepared data of that seed's split."""
+    """What every run of a benchmark shares. `data` is the prepared root of each seed, `{seed}` standing for the
+    seed (e.g. `.../prepared_seed{seed}`); the hyperparameters are the pre-registered ones."""
 
-    prepared_roots: dict[int, Path]
+    data: str
     weights: str = "standin"
     """`standin`, `random` or a checkpoint path (models.standin.resolve_backbone)."""
     backbone: str | None = None
@@ -97,16 +104,20 @@ class RunSettings:
     local_epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 2
-    simulator_threads: int = 2
+    simulator_threads: int = len(SITES)
+    """Sites trained at once. Fewer threads than sites makes NVFlare restart a site process for every task."""
     sites: tuple[str, ...] = SITES
     log: Callable[[str], None] = field(default=print, compare=False)
 
+    def root(self, seed: int) -> Path:
+        return Path(self.data.replace(SEED_PLACEHOLDER, str(seed)))
 
-def run_method(method: MethodSpec, settings: RunSettings, seed: int, run_dir: Path) -> dict[str, Any]:
-    """One (method, seed) run: the NVFlare simulator for a federated method, Lightning alone for `centralized`."""
+
+def run_unit(method: MethodSpec, settings: RunSettings, seeds: Sequence[int], unit_dir: Path) -> dict[int, dict]:
+    """Every seed of one method: the body of each seed's benchmark record (experiments.records), by seed."""
     if method.policy is None:
-        return run_centralized(settings, seed, run_dir)
-    return run_federated(method, settings, seed, run_dir)
+        return {seed: run_centralized(settings, seed, unit_dir / f"seed{seed}") for seed in seeds}
+    return run_federated(method, settings, seeds, unit_dir)
 
 
 def run_centralized(settings: RunSettings, seed: int, run_dir: Path) -> dict[str, Any]:
@@ -114,6 +125,7 @@ def run_centralized(settings: RunSettings, seed: int, run_dir: Path) -> dict[str
 
     It trains rounds x local_epochs epochs, so every training subject is seen as often as in a federated run.
     """
+    run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.json"
     epochs = settings.rounds * settings.local_epochs
     command = [
@@ -135,45 +147,45 @@ def run_centralized(settings: RunSettings, seed: int, run_dir: Path) -> dict[str
         "--model.warmup_epochs=0",
         f"--model.min_lr={settings.lr}",
         f'--model.adapter={{"init_seed": {seed}}}',
-        f"--data.root={settings.prepared_roots[seed]}",
+        f"--data.root={settings.root(seed)}",
         f"--data.batch_size={settings.batch_size}",
         f"--data.seed={seed}",
         f"--metrics_out={metrics_path}",
     ]
     settings.log(f"    centralized seed {seed}: {epochs} epochs on the pooled training data")
+    started = time.monotonic()
     with open(run_dir / "centralized.log", "w", encoding="utf-8") as output:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         returncode = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
     if returncode != 0 or not metrics_path.exists():
         raise RuntimeError(f"centralized seed {seed}: app.centralized failed ({returncode}); see {run_dir}")
     report = json.loads(metrics_path.read_text(encoding="utf-8"))
-    test = report["test"]
-    evaluations = [
-        {"site": site, "model_kind": "central", "metrics": _defined(metrics), "n": metrics["n"]}
-        for site, metrics in test["clients"].items()
-    ]
-    evaluations.append(
-        {"site": "pooled", "model_kind": "central", "metrics": _defined(test["pooled"]), "n": test["pooled"]["n"]}
-    )
+    threshold = float(report["threshold"])
+    sites = {}
+    predictions = report["predictions"]
+    for site in settings.sites:
+        rows = {split: [row for row in predictions.get(split, []) if row["client"] == site] for split in SCORED_SPLITS}
+        sites[site] = _site_entry({"central": (threshold, rows)})
     counts = _parameter_counts(federation_config(METHODS["fedit"], settings, seed, job_name="centralized"))
     return {
-        "evaluations": evaluations,
-        "not_evaluable": {},
+        "sites": sites,
         "rounds": [],
-        "communication": {},
-        "params": {"total": counts["total"], "trainable": counts["trainable"], "shared": None},
-        "rounds_completed": None,
-        "epochs": report["epochs"],
+        "cost": {
+            "params": {"total": counts["total"], "trainable": counts["trainable"], "shared": None},
+            "bytes_sent_per_client_round": None,
+            "job_wall_s": time.monotonic() - started,
+            "seeds_in_job": 1,
+            "epochs": report["epochs"],
+        },
+        "not_evaluable": {},
     }
 
 
-def _defined(metrics: dict[str, Any]) -> dict[str, float]:
-    """A metrics dict with JSON nulls (undefined metrics) back as NaN."""
-    return {name: math.nan if value is None else float(value) for name, value in metrics.items() if name != "n"}
-
-
-def federation_config(method: MethodSpec, settings: RunSettings, seed: int, job_name: str) -> FederationConfig:
-    """The job configuration of one federated run: the method's policy is built here, once for the run."""
+def federation_config(
+    method: MethodSpec, settings: RunSettings, seed: int, job_name: str, replica_seeds: Sequence[int] = ()
+) -> FederationConfig:
+    """The job configuration of one federated run (or of several seeds as replicas): the method's policy is built
+    here, once for the run."""
     site = {
         "local_epochs": settings.local_epochs,
         "backbone": settings.backbone,
@@ -196,101 +208,115 @@ def federation_config(method: MethodSpec, settings: RunSettings, seed: int, job_
         sites=settings.sites,
         name=job_name,
         adapter=adapter,
+        replica_seeds=tuple(replica_seeds),
         **site,
     )
 
 
-def run_federated(method: MethodSpec, settings: RunSettings, seed: int, run_dir: Path) -> dict[str, Any]:
-    """Export the method's job, run it in the NVFlare simulator (jobs.simulate), check that it completed, and
-    read its artifacts."""
-    config = federation_config(method, settings, seed, job_name=f"{method.name}_seed{seed}")
-    job_dir = export_job(config, run_dir / "job")
-    state = run_dir / "site_state"
-    env = {DATA_ENV: str(settings.prepared_roots[seed]), STATE_ENV: str(state)}
-    label = f"{method.name} seed {seed}"
+def run_federated(method: MethodSpec, settings: RunSettings, seeds: Sequence[int], unit_dir: Path) -> dict[int, dict]:
+    """One NVFlare simulator job running every seed as a replica (one seed: an ordinary job), checked complete from
+    its artifacts; each seed's scores, curves and costs."""
+    replicas = tuple(seeds) if len(seeds) > 1 else ()
+    config = federation_config(method, settings, seeds[0], job_name=method.name, replica_seeds=replicas)
+    job_dir = export_job(config, unit_dir / "job")
+    state = unit_dir / "site_state"
+    env = {DATA_ENV: settings.data, STATE_ENV: str(state)}
+    label = f"{method.name} seeds {' '.join(map(str, seeds))}"
     run = run_simulator(
         job_dir,
-        run_dir / "workspace",
+        unit_dir / "workspace",
         settings.sites,
         settings.simulator_threads,
         env=env,
-        log_file=run_dir / SIMULATOR_LOG,
+        log_file=unit_dir / SIMULATOR_LOG,
         progress=last_epochs_only(lambda line: settings.log(f"    {label}: {line}")),
         attempts=ATTEMPTS,
         clear_before_retry=[state],
     )
     problems = run.problems()
     if problems:
-        raise RuntimeError(f"{label}: the federated run did not complete: {problems[:3]}; see {run_dir}")
-    return {
-        "evaluations": _site_evaluations(run, config.policy.has_private_parts),
-        "not_evaluable": not_evaluable(config.policy),
-        "rounds": _round_metrics(run.server_dir / "tb_events", settings.sites),
-        "communication": _communication(run),
-        "params": _parameter_counts(config),
-        "rounds_completed": settings.rounds,
-    }
-
-
-def _site_evaluations(run: SimulatorRun, has_private_parts: bool) -> list[dict[str, Any]]:
-    """Every site's test-split scores, per model kind (docs/evaluation.md, "Run record").
-
-    The client's `personalised` model of a method without private parts is the global model, and is named so.
-    """
-    evaluations = []
-    for site in run.sites:
-        path = run.test_metrics_path(site)
-        report = run.test_metrics(site)
-        for client_kind, metrics in report["models"].items():
-            kind = GLOBAL_KIND_OF_CLIENT[client_kind] if has_private_parts else "global"
-            evaluations.append(_evaluation(site, kind, metrics, report, client_kind, path))
-    return evaluations
-
-
-def _evaluation(site: str, kind: str, metrics: dict, report: dict, client_kind: str, path: Path) -> dict[str, Any]:
-    predictions = report.get("predictions", {}).get(client_kind)
-    if predictions is None:
-        return {"site": site, "model_kind": kind, "metrics": metrics, "n": report["n_test"]}
-    try:
-        return {
-            "site": site,
-            "model_kind": kind,
-            "subject_ids": [entry["subject_id"] for entry in predictions],
-            "labels": [int(entry["label"]) for entry in predictions],
-            "scores": [float(entry["p_diseased"]) for entry in predictions],
-            "threshold": float(report["thresholds"][client_kind]),
+        raise RuntimeError(f"{label}: the federated run did not complete: {problems[:3]}; see {unit_dir}")
+    params = _parameter_counts(config)
+    records = {}
+    for seed in seeds:
+        replica = seed if replicas else None
+        records[seed] = {
+            "sites": {site: _federated_site(run, site, replica, config.policy) for site in settings.sites},
+            "rounds": _round_metrics(run.server_dir / "tb_events", settings.sites, replica),
+            "cost": {
+                "params": params,
+                "bytes_sent_per_client_round": _bytes_per_client_round(run),
+                "job_wall_s": run.seconds,
+                "seeds_in_job": len(seeds),
+            },
+            "not_evaluable": not_evaluable(config.policy),
         }
+    return records
+
+
+def _federated_site(run: SimulatorRun, site: str, seed: int | None, policy: SharingPolicy) -> dict[str, Any]:
+    """A site's scored models from its test_metrics.json. The client's `personalised` model of a method without
+    private parts is the global model, and is named so."""
+    path = run.test_metrics_path(site, seed)
+    report = run.test_metrics(site, seed)
+    sections = {
+        "test": report,
+        "val": report.get("validation", {}),
+        REFERENCE_TEST_SPLIT: report.get(REFERENCE_TEST_SPLIT, {}),
+    }
+    try:
+        models = {}
+        for client_kind in report["predictions"]:
+            kind = GLOBAL_KIND_OF_CLIENT[client_kind] if policy.has_private_parts else "global"
+            rows = {split: section.get("predictions", {}).get(client_kind, []) for split, section in sections.items()}
+            models[kind] = (float(report["thresholds"][client_kind]), rows)
+        return _site_entry(models)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: field predictions.{client_kind} is malformed ({error})") from error
+        raise ValueError(f"{path}: field predictions is malformed ({error})") from error
 
 
-def _round_metrics(tb_root: Path, sites: Sequence[str]) -> list[dict[str, Any]]:
-    """Per round and site, the balanced accuracy of the site's model validated before local training.
+def _site_entry(models: Mapping[str, tuple[float, Mapping[str, Sequence[Mapping[str, Any]]]]]) -> dict[str, Any]:
+    """A record's site entry from each scored model's (threshold, {split: prediction rows}): the test and validation
+    ids and labels in one order each, and per model its threshold and scores in those orders, on the test subjects,
+    their Siemens-profile renderings (paired by id) and the validation subjects."""
+    first = next(iter(models.values()))[1]
+    entry: dict[str, Any] = {"models": {}}
+    for split in ("test", "val"):
+        entry[f"{split}_ids"] = [row["subject_id"] for row in first[split]]
+        entry[f"{split}_labels"] = [int(row["label"]) for row in first[split]]
+    for kind, (threshold, rows) in models.items():
+        model: dict[str, Any] = {"threshold": threshold}
+        for split in SCORED_SPLITS:
+            if not rows.get(split):
+                continue
+            scores = {row["subject_id"].removesuffix(REFERENCE_SUFFIX): row["p_diseased"] for row in rows[split]}
+            order = entry["val_ids" if split == "val" else "test_ids"]
+            model[split] = rounded(scores[subject] for subject in order)
+        entry["models"][kind] = model
+    return entry
 
-    Read from the TensorBoard events the sites stream to the server (`tb_events/<site>/`, tag `val_bal_acc`, step =
-    round); NaN where the site's validation split lacks a class.
-    """
-    rounds = []
+
+def _round_metrics(tb_root: Path, sites: Sequence[str], seed: int | None) -> list[dict[str, Any]]:
+    """Per round and site, the validation AUROC and balanced accuracy of the site's model before local training,
+    from the TensorBoard events the sites stream to the server (tags prefixed `seed<N>/` in a job of replicas)."""
+    prefix = f"{replica_folder(seed)}/" if seed is not None else ""
+    curves: dict[tuple[int, str], dict[str, Any]] = {}
     for site in sites:
         events = EventAccumulator(str(tb_root / site), size_guidance={"scalars": 0})
         events.Reload()
-        if ROUND_METRIC in events.Tags()["scalars"]:
-            rounds += [{"round": e.step, "site": site, "bal_acc": e.value} for e in events.Scalars(ROUND_METRIC)]
-    return rounds
+        for metric in ("auroc", "bal_acc"):
+            tag = f"{prefix}val_{metric}"
+            if tag in events.Tags()["scalars"]:
+                for event in events.Scalars(tag):
+                    curves.setdefault((event.step, site), {"round": event.step, "site": site})[metric] = event.value
+    return [curves[key] for key in sorted(curves)]
 
 
-def _communication(run: SimulatorRun) -> dict[str, Any]:
-    """Bytes the sites sent (serialized payloads measured by the server), in total and per site per round."""
-    records = run.comm_records("up")
-    sent = [int(record["payload_bytes"]) for record in records]
-    full = next((record["full_model_bytes"] for record in records if record.get("full_model_bytes")), None)
-    return {
-        "bytes_sent_total": sum(sent),
-        "bytes_sent_per_client_round": sum(sent) / len(sent) if sent else 0.0,
-        "payloads": len(sent),
-        "sites": len(run.sites),
-        "full_model_bytes": full,
-    }
+def _bytes_per_client_round(run: SimulatorRun) -> float:
+    """Serialized bytes a site sent per round (as the server measured them); the job's replicas all send the same
+    tensors, so the mean over the job is each replica's."""
+    sent = [int(record["payload_bytes"]) for record in run.comm_records("up")]
+    return sum(sent) / len(sent) if sent else 0.0
 
 
 def _parameter_counts(config: FederationConfig) -> dict[str, int]:

@@ -53,7 +53,8 @@ class PolicyFedAvgRecipe(FedAvgRecipe):
     `fedprox_mu` goes to the controller, which sends it with every training task (NVFlare's FedProx); `start_round`
     resumes a round count; `shares_nothing` lets a policy that shares nothing (local-only) run with an empty model;
     `round_timeout_s` bounds every task, `straggler_wait_s` how long a round waits for the rest once the minimum
-    answered; `model_spec` lets the server export the final global model (custom.global_export).
+    answered; `model_spec` lets the server export the final global model (custom.global_export); `replica_seeds`
+    runs one federation per seed (custom.controller).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class PolicyFedAvgRecipe(FedAvgRecipe):
         round_timeout_s: int = 0,
         straggler_wait_s: int = 3600,
         model_spec: dict[str, Any] | None = None,
+        replica_seeds: tuple[int, ...] = (),
         **recipe_arguments: Any,
     ) -> None:
         # FedAvgRecipe builds the controller inside its __init__: these must be set first.
@@ -74,6 +76,7 @@ class PolicyFedAvgRecipe(FedAvgRecipe):
         self._shares_nothing = shares_nothing
         self._fedprox_mu = fedprox_mu
         self._model_spec = model_spec
+        self._replica_seeds = list(replica_seeds)
         super().__init__(**recipe_arguments)
 
     def _get_controller_kwargs(self) -> dict[str, Any]:
@@ -93,4 +96,5 @@ class PolicyFedAvgRecipe(FedAvgRecipe):
             round_timeout_s=self._round_timeout_s,
             straggler_wait_s=self._straggler_wait_s,
             model_spec=self._model_spec,
+            replica_seeds=self._replica_seeds,
         )

@@ -25,6 +25,7 @@ from nvflare.recipe import add_experiment_tracking
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from custom.aggregators import DEFAULT_MAX_SAMPLES_PER_SITE, SharedKeyAggregator
 from custom.comm import PayloadMeter
+from custom.controller import REPLICA_CHECKPOINT
 from custom.filters import SharedKeysOnly
 from jobs.flare_private import PolicyFedAvgRecipe, ship_packages
 from jobs.site_installed import make_site_installed
@@ -84,6 +85,9 @@ class FederationConfig:
     """Each task runs in a fresh site process (NVFlare's external process, launched per task): a site whose
     process dies (the OOM killer, a SIGKILL) misses that round only and rejoins the next with its saved local
     state. Costs one interpreter start-up per round; `python3` on the site's PATH must have med-duallora."""
+    replica_seeds: tuple[int, ...] = ()
+    """Run one independent federation per seed, one after another in the same site processes (NVFlare's start-up is
+    paid once): the benchmark's several seeds in one simulator job. Empty: one run, with the site's seed."""
     tracking: str = "tensorboard"
     """The server's experiment tracking (TRACKING_PACKAGES): TensorBoard event files in `<server run>/tb_events/`,
     or MLflow (a SQLite store, `mlflow.db`, in the server's job result folder). Byte accounting (custom.comm) writes
@@ -92,6 +96,10 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if self.tracking not in TRACKING_PACKAGES:
             raise ValueError(f"tracking {self.tracking!r}: choose one of {sorted(TRACKING_PACKAGES)}")
+        if self.replica_seeds and (self.resume_from or self.start_round):
+            raise ValueError("a job of several replicas cannot resume an earlier run (resume_from, start_round)")
+        if len(set(self.replica_seeds)) != len(self.replica_seeds):
+            raise ValueError(f"replica_seeds {list(self.replica_seeds)} repeat a seed")
 
     @classmethod
     def for_method(
@@ -110,6 +118,7 @@ class FederationConfig:
         round_timeout_s: int = 3600,
         straggler_wait_s: int = 600,
         process_per_round: bool = False,
+        replica_seeds: tuple[int, ...] = (),
         tracking: str = "tensorboard",
         **site_settings: Any,
     ) -> FederationConfig:
@@ -127,6 +136,7 @@ class FederationConfig:
             round_timeout_s=round_timeout_s,
             straggler_wait_s=straggler_wait_s,
             process_per_round=process_per_round,
+            replica_seeds=tuple(replica_seeds),
             tracking=tracking,
         )
 
@@ -262,6 +272,7 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
         round_timeout_s=config.round_timeout_s,
         straggler_wait_s=config.straggler_wait_s,
         model_spec=config.site.model_spec(),
+        replica_seeds=config.replica_seeds,
         fedprox_mu=config.site.proximal_mu if shares_everything_trained and config.site.proximal_mu else None,
         name=config.job_name,
         min_clients=config.min_clients,
@@ -286,6 +297,8 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
     recipe.add_client_file(SITE_CONFIG_FILE)
     recipe.add_server_config({"server": {"task_request_interval": TASK_REQUEST_INTERVAL_S}})
     recipe.add_server_file(INITIAL_CHECKPOINT)
+    for seed in config.replica_seeds:
+        recipe.add_server_file(REPLICA_CHECKPOINT.format(seed))
     recipe.add_client_output_filter(SharedKeysOnly(policy), tasks=WEIGHT_TASKS)
     recipe.add_server_input_filter(PayloadMeter("up"), tasks=["train"])
     recipe.add_server_output_filter(PayloadMeter("down"), tasks=["train"])
@@ -311,6 +324,9 @@ def staged_recipe(
             Path(stage, CLIENT_SCRIPT).write_text(CLIENT_LAUNCHER, encoding="utf-8")
         state = resumed_global_state(config) if config.resume_from else initial_global_state(config)
         torch_save_atomic(os.path.join(stage, INITIAL_CHECKPOINT), state)
+        for seed in config.replica_seeds:
+            replica_state = initial_global_state(config.replace(seed=seed))
+            torch_save_atomic(os.path.join(stage, REPLICA_CHECKPOINT.format(seed)), replica_state)
         write_text_atomic(os.path.join(stage, SITE_CONFIG_FILE), config.site_config.to_json())
         with contextlib.chdir(stage):
             recipe = build_recipe(config)

@@ -29,6 +29,7 @@ from models.protocol import (
     PROGRESS_MARK,
     SITES,
     TEST_METRICS_FILE,
+    replica_folder,
 )
 
 SIMULATOR_JOB = "simulate_job"
@@ -62,6 +63,13 @@ class SimulatorRun:
     seconds: float
     stopped: str = ""
     """Why the runner stopped the simulator (port clash, stalled, timed out); empty when it ended by itself."""
+    replica_seeds: tuple[int, ...] = ()
+    """The job's replicas (custom.controller): each seed's outputs are in `seed<N>/` of the run folders."""
+
+    @property
+    def replicas(self) -> list[int | None]:
+        """The seed of each replica, or [None] for a job of one run: what the artifact paths take."""
+        return list(self.replica_seeds) or [None]
 
     @property
     def port_clash(self) -> bool:
@@ -89,32 +97,38 @@ class SimulatorRun:
         return lines
 
     def problems(self) -> list[str]:
-        """Why the run did not complete; empty when the global model, the end of training, every site's test
-        metrics and exported model, and the server's exported global model (or its note saying why there is none)
-        are there, the runner did not stop it, and no log holds an error."""
+        """Why the run did not complete; empty when the global model, the end of training (of every replica), every
+        site's test metrics and exported model, and the server's exported global model (or its note saying why
+        there is none) are there for every replica, the runner did not stop it, and no log holds an error."""
         found = [self.stopped] if self.stopped else []
         if not self.global_model_path.is_file():
             found.append(f"no {GLOBAL_MODEL_FILE} on the server")
-        if FINISHED_MARK not in self.log():
-            found.append(f"server log lacks {FINISHED_MARK!r}")
-        missing = [site for site in self.sites if not self.test_metrics_path(site).is_file()]
-        found += [f"{site}: no {TEST_METRICS_FILE}" for site in missing]
-        unexported = [
-            site for site in self.sites if not (self.personalised_model_dir(site) / "metadata.json").is_file()
-        ]
-        found += [f"{site}: no {PERSONALISED_MODEL_DIR}/" for site in unexported]
-        if (
-            not (self.global_model_dir / "metadata.json").is_file()
-            and not (self.server_dir / NO_GLOBAL_MODEL_FILE).is_file()
-        ):
-            found.append(f"no {GLOBAL_MODEL_DIR}/ (nor {NO_GLOBAL_MODEL_FILE}) on the server")
+        finished = self.log().count(FINISHED_MARK)
+        if finished < len(self.replicas):
+            found.append(f"server log holds {finished} {FINISHED_MARK!r} for {len(self.replicas)} replica(s)")
+        for seed in self.replicas:
+            where = f" (replica {replica_folder(seed)})" if seed is not None else ""
+            missing = [site for site in self.sites if not self.test_metrics_path(site, seed).is_file()]
+            found += [f"{site}: no {TEST_METRICS_FILE}{where}" for site in missing]
+            unexported = [
+                site
+                for site in self.sites
+                if not (self.personalised_model_dir(site, seed) / "metadata.json").is_file()
+            ]
+            found += [f"{site}: no {PERSONALISED_MODEL_DIR}/{where}" for site in unexported]
+            if (
+                not (self.global_model_dir_of(seed) / "metadata.json").is_file()
+                and not (self.server_dir / replica_folder(seed) / NO_GLOBAL_MODEL_FILE).is_file()
+            ):
+                found.append(f"no {GLOBAL_MODEL_DIR}/ (nor {NO_GLOBAL_MODEL_FILE}) on the server{where}")
         return found + self.error_lines()
 
-    def test_metrics_path(self, site: str) -> Path:
-        return self.site_dir(site) / TEST_METRICS_FILE
+    def test_metrics_path(self, site: str, seed: int | None = None) -> Path:
+        """A site's final evaluation (of the replica of `seed`, in a job of several)."""
+        return self.site_dir(site) / replica_folder(seed) / TEST_METRICS_FILE
 
-    def test_metrics(self, site: str) -> dict[str, Any]:
-        return json.loads(self.test_metrics_path(site).read_text(encoding="utf-8"))
+    def test_metrics(self, site: str, seed: int | None = None) -> dict[str, Any]:
+        return json.loads(self.test_metrics_path(site, seed).read_text(encoding="utf-8"))
 
     def comm_records(self, direction: str = "up") -> list[dict[str, Any]]:
         path = self.server_dir / COMM_DIR / f"bytes_{direction}.json"
@@ -130,11 +144,15 @@ class SimulatorRun:
     @property
     def global_model_dir(self) -> Path:
         """The server's exported global model (models.export format; absent for policies without one)."""
-        return self.server_dir / GLOBAL_MODEL_DIR
+        return self.global_model_dir_of(None)
 
-    def personalised_model_dir(self, site: str) -> Path:
-        """A site's exported personalised model (models.export format)."""
-        return self.site_dir(site) / PERSONALISED_MODEL_DIR
+    def global_model_dir_of(self, seed: int | None) -> Path:
+        """The exported global model of the replica of `seed` (None: the job's one run)."""
+        return self.server_dir / replica_folder(seed) / GLOBAL_MODEL_DIR
+
+    def personalised_model_dir(self, site: str, seed: int | None = None) -> Path:
+        """A site's exported personalised model (models.export format; of the replica of `seed`)."""
+        return self.site_dir(site) / replica_folder(seed) / PERSONALISED_MODEL_DIR
 
     @property
     def global_model_path(self) -> Path:
@@ -402,6 +420,7 @@ def run_simulator(
     log_path = Path(log_file) if log_file else workspace.with_name(workspace.name + ".log")
     command, full_env = simulator_command(job_dir, workspace, sites, threads, env)
     rounds = _rounds_of(Path(job_dir))
+    replica_seeds = _replica_seeds_of(Path(job_dir))
     say = progress or (lambda line: None)
 
     def on_round(latest: int) -> None:
@@ -416,7 +435,7 @@ def run_simulator(
         returncode, stopped = watch(
             command, full_env, log_path, workspace, stall_seconds, timeout, on_round, on_progress
         )
-        run = SimulatorRun(workspace, tuple(sites), returncode, time.monotonic() - start, stopped)
+        run = SimulatorRun(workspace, tuple(sites), returncode, time.monotonic() - start, stopped, replica_seeds)
         problems = run.problems()
         allowed = max(attempts, port_clash_attempts) if run.port_clash else attempts
         if not problems or attempt >= allowed:
@@ -428,12 +447,24 @@ def run_simulator(
         attempt += 1
 
 
-def _rounds_of(job_dir: Path) -> int | str:
-    """The job's last round, 1-based: its start round plus its round count, from its server config ("?" when it
-    cannot be read)."""
+def _controller_arguments(job_dir: Path) -> dict[str, Any]:
+    """The arguments of the job's server workflow, from its server config (empty when it cannot be read)."""
     try:
         server_config = next(job_dir.glob("app*/config/config_fed_server.json"))
-        arguments = json.loads(server_config.read_text(encoding="utf-8"))["workflows"][0]["args"]
-        return int(arguments.get("start_round", 0)) + int(arguments.get("num_rounds", 5))
-    except (StopIteration, OSError, ValueError, KeyError, IndexError):
+        return dict(json.loads(server_config.read_text(encoding="utf-8"))["workflows"][0]["args"])
+    except (StopIteration, OSError, ValueError, KeyError, IndexError, TypeError):
+        return {}
+
+
+def _rounds_of(job_dir: Path) -> int | str:
+    """The job's last round, 1-based: its start round plus its round count ("?" when it cannot be read)."""
+    arguments = _controller_arguments(job_dir)
+    try:
+        return int(arguments.get("start_round", 0)) + int(arguments.get("num_rounds", 5)) if arguments else "?"
+    except (TypeError, ValueError):
         return "?"
+
+
+def _replica_seeds_of(job_dir: Path) -> tuple[int, ...]:
+    """The job's replica seeds (custom.controller), empty for a job of one run."""
+    return tuple(int(seed) for seed in _controller_arguments(job_dir).get("replica_seeds", []))

@@ -8,7 +8,9 @@ SITES = ("siemens", "philips", "ge", "canon")
 
 # ---- environment variables a site reads -------------------------------------------------------------------------
 DATA_ENV = "MED_DUALLORA_DATA"
-"""The prepared data root (manifest.csv + volumes) at a site; each site keeps the rows of its own name."""
+"""The prepared data root (manifest.csv + volumes) at a site; each site keeps the rows of its own name. A
+`{seed}` in it is replaced by the run seed (a job of several replicas reads each replica's own root)."""
+SEED_PLACEHOLDER = "{seed}"
 WEIGHTS_ENV = "MED_DUALLORA_WEIGHTS"
 """The site-local CineMA checkpoint of the real job (`--weights $MED_DUALLORA_WEIGHTS`)."""
 STATE_ENV = "MED_DUALLORA_STATE"
@@ -34,6 +36,16 @@ COMM_DIR = "comm"
 STATE_FILE_PATTERN = "private_state_round{:05d}.pt"
 """A site's private entries after a completed round, in its state folder (the last few rounds are kept)."""
 
+REPLICA_PREFIX = "seed"
+"""A job of several replicas (one independent federation per seed, run one after another by the same processes)
+keeps each replica's outputs in `<run directory>/seed<N>/` (replica_folder)."""
+
+
+def replica_folder(seed: int | None) -> str:
+    """The sub-folder of a replica's outputs in a run directory: `seed<N>`, or "" for a job of one run."""
+    return "" if seed is None else f"{REPLICA_PREFIX}{seed}"
+
+
 # ---- meta keys and metric names exchanged with NVFlare ----------------------------------------------------------
 SAMPLES_KEY = "num_train_samples"
 """Result meta: the site's training-subject count, the aggregation weight."""
@@ -42,6 +54,8 @@ FULL_MODEL_BYTES_KEY = "full_model_bytes"
 STAGE_KEY = "evaluation_stage"
 """Task meta of the final `validate` tasks: CALIBRATE, then TEST."""
 CALIBRATE, TEST = "calibrate", "test"
+REPLICA_SEED_KEY = "replica_seed"
+"""Task meta of a job of several replicas: the seed of the replica the task belongs to (absent otherwise)."""
 GLOBAL_THRESHOLD_KEY = "global_threshold"
 """TEST task meta: the global model's pooled validation threshold (None when none could be chosen)."""
 VAL_HISTOGRAM_KEY = "val_global_histogram"

@@ -1,143 +1,152 @@
-"""The benchmark runner resumes: finished (method, seed) runs are skipped, unfinished ones are redone from scratch.
+"""The benchmark resumes from its records: a unit whose seeds all have records is skipped, only missing seeds run,
+an interrupted or failed unit leaves no record and runs again, and records of another configuration are refused.
 
-The NVFlare simulator run is replaced by a fake run function: the real one is exercised by the federation tests, and
-here only the runner's bookkeeping (markers, resume, configuration check, outputs) is under test.
+The simulator jobs and the cohort builder are replaced by fakes (the real ones are exercised by
+tests/test_simulator.py, tests/test_benchmark_unit.py and tests/test_benchmark_cohort.py): here only the runner's
+bookkeeping is under test.
 """
 
-import csv
+from __future__ import annotations
+
+import gzip
 import json
+from pathlib import Path
 
 import pytest
 
-from experiments.benchmark import MARKER_NAME, ConfigurationMismatch, build_specs, check_configuration, run_pending
-from experiments.report import write_report
+from experiments import benchmark
+from experiments.benchmark import ConfigurationMismatch, Sizes, check_configuration, pending_seeds, run_units
+from experiments.design import HEADLINE, NEGATIVE_CONTROL, PARTS, SWEEP_METHODS, Unit, units_of
+from experiments.preregistration import Hyperparameters
+from experiments.records import RecordError, read_record, record_path
+from experiments.runs import METHODS, RunSettings
+from models.protocol import SITES
 
-SITES = ("siemens", "philips", "ge", "canon")
-
-
-def fake_record(method: str, seed: int) -> dict:
-    """A run record whose scores depend on method, seed and site, like a real one would."""
-    offset = {"med_duallora": 0.3, "fedit": 0.1}.get(method, 0.0)
-    evaluations = []
-    for site_index, site in enumerate(SITES):
-        labels = [0, 0, 1, 1, 1]
-        noise = 0.02 * (seed + site_index)
-        scores = [0.45 - offset + noise, 0.3, 0.4 + offset, 0.7, 0.2 + offset + noise]
-        evaluations.append({"site": site, "model_kind": "personalised", "labels": labels, "scores": scores})
-    return {
-        "evaluations": evaluations,
-        "not_evaluable": {"global": "server model has B = 0"},
-        "rounds": [{"round": r, "site": site, "bal_acc": 0.5 + 0.05 * r} for r in range(3) for site in SITES],
-        "communication": {"bytes_sent_total": 1000 * (seed + 1), "bytes_sent_per_client_round": 100.0},
-        "params": {"trainable": 10, "shared": 5, "total": 100},
-        "rounds_completed": 3,
-    }
+HYPERPARAMETERS = Hyperparameters(rounds=2, local_epochs=1, lr=1e-3)
+SIZES = Sizes(train_per_site=4, val_per_site=4, test_per_site=6, min_test_healthy=2)
 
 
-class FakeRuns:
-    """Records which specs ran; can fail (like an interrupted run) on a chosen spec after leaving a partial file."""
+def fake_body(method: str, seed: int) -> dict:
+    """A record body like a real run's: every site scores its test subjects with each model kind."""
+    sites = {}
+    for index, site in enumerate(SITES):
+        ids = [f"{site}-{n}" for n in range(6)]
+        scores = [round(0.1 * n + 0.01 * (seed + index), 5) for n in range(6)]
+        sites[site] = {
+            "test_ids": ids,
+            "test_labels": [0, 0, 1, 1, 1, 1],
+            "val_ids": ids[:4],
+            "val_labels": [0, 1, 1, 1],
+            "models": {"personalised": {"threshold": 0.5, "test": scores, "test_siemens": scores, "val": scores[:4]}},
+        }
+    return {"sites": sites, "rounds": [], "cost": {"seeds_in_job": 2, "method": method}}
 
-    def __init__(self, fail_on: str | None = None):
-        self.fail_on = fail_on
-        self.calls: list[str] = []
 
-    def __call__(self, spec, run_dir):
-        self.calls.append(spec.run_id)
-        (run_dir / "partial.txt").write_text("work in progress")
-        if spec.run_id == self.fail_on:
+class FakeUnits:
+    """Stands in for experiments.runs.run_unit: records which (unit, seeds) ran; can fail on a chosen method."""
+
+    def __init__(self, fail_on: str | None = None, interrupt_on: str | None = None):
+        self.fail_on, self.interrupt_on = fail_on, interrupt_on
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def __call__(self, method, settings, seeds, unit_dir):
+        self.calls.append((method.name, tuple(seeds)))
+        assert settings.rounds == HYPERPARAMETERS.rounds and settings.data.endswith("seed_{seed}")
+        if method.name == self.interrupt_on:
             raise KeyboardInterrupt
-        return fake_record(spec.method, spec.seed)
+        if method.name == self.fail_on:
+            raise RuntimeError("the federated run did not complete")
+        return {seed: fake_body(method.name, seed) for seed in seeds}
 
 
-def test_resume_skips_finished_runs_and_redoes_the_interrupted_one(tmp_path):
-    specs = build_specs(["med_duallora", "fedit"], [0, 1])
-    assert [spec.run_id for spec in specs] == [
-        "med_duallora__seed0",
-        "fedit__seed0",
-        "med_duallora__seed1",
-        "fedit__seed1",
-    ]
-    interrupted = FakeRuns(fail_on="med_duallora__seed1")
+@pytest.fixture
+def fakes(monkeypatch):
+    def install(units: FakeUnits) -> FakeUnits:
+        monkeypatch.setattr(benchmark, "run_unit", units)
+        monkeypatch.setattr(benchmark, "cohort_data", lambda out, spec, seeds, workers, log: f"{out}/seed_{{seed}}")
+        return units
+
+    return install
+
+
+def run(tmp_path: Path, units: list[Unit], seeds=(0, 1)) -> list:
+    base = RunSettings(data="", log=lambda line: None)
+    return run_units(units, tmp_path / "results", tmp_path / "work", base, HYPERPARAMETERS, SIZES, seeds, 1)
+
+
+UNITS = [Unit(HEADLINE, "med_duallora"), Unit(HEADLINE, "fedit"), Unit(NEGATIVE_CONTROL, "local_only")]
+
+
+def test_finished_units_are_skipped_and_only_missing_seeds_run(tmp_path, fakes):
+    first = fakes(FakeUnits())
+    assert run(tmp_path, UNITS) == []
+    assert first.calls == [("med_duallora", (0, 1)), ("fedit", (0, 1)), ("local_only", (0, 1))]
+    record_path(tmp_path / "results", HEADLINE.name, "fedit", 1).unlink()
+    again = fakes(FakeUnits())
+    assert run(tmp_path, UNITS, seeds=(0, 1, 2)) == []
+    assert again.calls == [("med_duallora", (2,)), ("fedit", (1, 2)), ("local_only", (2,))]
+    record = read_record(record_path(tmp_path / "results", HEADLINE.name, "fedit", 2))
+    assert record["condition"]["name"] == "h1.0" and record["condition"]["role"] == "headline"
+    assert record["hyperparameters"]["rounds"] == 2 and record["cohort"]["test_per_site"] == 6
+
+
+def test_a_failed_unit_leaves_no_record_and_the_others_still_run(tmp_path, fakes):
+    fakes(FakeUnits(fail_on="fedit"))
+    failed = run(tmp_path, UNITS)
+    assert [unit.method for unit, _ in failed] == ["fedit"] and "did not complete" in failed[0][1]
+    assert pending_seeds(tmp_path / "results", UNITS[1], (0, 1)) == [0, 1]
+    assert pending_seeds(tmp_path / "results", UNITS[2], (0, 1)) == []
+    retry = fakes(FakeUnits())
+    assert run(tmp_path, UNITS) == [] and retry.calls == [("fedit", (0, 1))]
+
+
+def test_an_interruption_stops_the_benchmark_and_the_unit_runs_again(tmp_path, fakes):
+    fakes(FakeUnits(interrupt_on="fedit"))
     with pytest.raises(KeyboardInterrupt):
-        run_pending(specs, tmp_path, interrupted, log=lambda message: None)
-    assert interrupted.calls == ["med_duallora__seed0", "fedit__seed0", "med_duallora__seed1"]
-    assert not (tmp_path / "runs" / "med_duallora__seed1" / MARKER_NAME).exists()
-
-    resumed = FakeRuns()
-    messages: list[str] = []
-    records = run_pending(specs, tmp_path, resumed, log=messages.append).records
-    assert resumed.calls == ["med_duallora__seed1", "fedit__seed1"]
-    assert [(record["method"], record["seed"]) for record in records] == [(s.method, s.seed) for s in specs]
-    assert sum("skipped" in message for message in messages) == 2
-    assert any("removing the unfinished run" in message for message in messages)
-
-    again = FakeRuns()
-    run_pending(specs, tmp_path, again, log=lambda message: None)
-    assert again.calls == []
-    leftovers = [path.name for path in (tmp_path / "runs").rglob("*") if path.name.endswith(".tmp")]
-    assert leftovers == []
+        run(tmp_path, UNITS)
+    assert pending_seeds(tmp_path / "results", UNITS[1], (0, 1)) == [0, 1]
+    retry = fakes(FakeUnits())
+    run(tmp_path, UNITS)
+    assert retry.calls == [("fedit", (0, 1)), ("local_only", (0, 1))]
 
 
-def test_marker_must_match_its_run(tmp_path):
-    specs = build_specs(["fedit"], [0])
-    run_pending(specs, tmp_path, FakeRuns(), log=lambda message: None)
-    marker = tmp_path / "runs" / "fedit__seed0" / MARKER_NAME
-    marker.write_text(json.dumps({"method": "fedit", "seed": 5}))
-    with pytest.raises(ValueError, match="fields method/seed"):
-        run_pending(specs, tmp_path, FakeRuns(), log=lambda message: None)
+def test_a_record_in_the_wrong_place_or_corrupt_is_refused(tmp_path, fakes):
+    fakes(FakeUnits())
+    run(tmp_path, UNITS[:1])
+    path = record_path(tmp_path / "results", HEADLINE.name, "med_duallora", 0)
+    moved = record_path(tmp_path / "results", HEADLINE.name, "fedit", 0)
+    moved.write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="do not match its place"):
+        pending_seeds(tmp_path / "results", Unit(HEADLINE, "fedit"), (0,))
+    record = json.loads(gzip.decompress(path.read_bytes()))
+    del record["sites"]["ge"]["test_labels"]
+    path.write_bytes(gzip.compress(json.dumps(record).encode()))
+    with pytest.raises(RecordError, match=r"sites.ge lacks \['test_labels'\]"):
+        pending_seeds(tmp_path / "results", UNITS[0], (0,))
 
 
-def test_resuming_with_another_configuration_is_refused(tmp_path):
-    check_configuration(tmp_path, {"rounds": 3, "seeds": [0, 1, 2]})
-    check_configuration(tmp_path, {"rounds": 3, "seeds": [0, 1, 2]})
-    with pytest.raises(ConfigurationMismatch, match="differs in rounds"):
-        check_configuration(tmp_path, {"rounds": 5, "seeds": [0, 1, 2]})
+def test_results_of_another_configuration_are_refused(tmp_path):
+    check_configuration(tmp_path, {"sizes": {"test_per_site": 300}, "quick": False})
+    check_configuration(tmp_path, {"sizes": {"test_per_site": 300}, "quick": False})
+    with pytest.raises(ConfigurationMismatch, match="differs in sizes"):
+        check_configuration(tmp_path, {"sizes": {"test_per_site": 40}, "quick": False})
 
 
-def test_outputs_after_resume_cover_every_run(tmp_path):
-    specs = build_specs(["med_duallora", "fedit", "fedsa_lora"], [0, 1, 2])
-    records = run_pending(specs, tmp_path, FakeRuns(), log=lambda message: None).records
-    write_report(records, tmp_path, {"fedit": "FedAvg-LoRA"}, ["# Benchmark"], log=lambda message: None)
-    with open(tmp_path / "results.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    # 3 methods x 3 seeds x (4 sites + pooled) x 1 model kind.
-    assert len(rows) == 45
-    assert {row["site"] for row in rows} == {*SITES, "pooled"}
-    summary = (tmp_path / "summary.md").read_text()
-    assert "| fedit |" in summary and "not evaluable: server model has B = 0" in summary
-    assert "## Significance" in summary
-    for name in ("bal_acc_per_round.png", "bal_acc_vs_bytes.png", "bal_acc_per_site.png"):
-        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
-
-
-def test_keep_going_records_a_failed_run_and_redoes_it_next_time(tmp_path):
-    specs = build_specs(["med_duallora", "fedit"], [0])
-
-    def broken_fedit(spec, run_dir):
-        if spec.method == "fedit":
-            raise RuntimeError("simulator exited with 2")
-        return fake_record(spec.method, spec.seed)
-
-    progress = run_pending(specs, tmp_path, broken_fedit, log=lambda message: None, keep_going=True)
-    assert [record["method"] for record in progress.records] == ["med_duallora"]
-    assert [(spec.run_id, message) for spec, message in progress.failed] == [
-        ("fedit__seed0", "RuntimeError: simulator exited with 2")
-    ]
-    assert (tmp_path / "runs" / "fedit__seed0" / "error.txt").exists()
-    assert not (tmp_path / "runs" / "fedit__seed0" / MARKER_NAME).exists()
-
-    retried = FakeRuns()
-    progress = run_pending(specs, tmp_path, retried, log=lambda message: None, keep_going=True)
-    assert retried.calls == ["fedit__seed0"]
-    assert progress.failed == []
-
-
-def test_client_reported_metrics_give_site_rows_without_a_computed_pooled_row():
-    from experiments.report import result_rows
-
-    metrics = {"bal_acc": 0.75, "sensitivity": 1.0, "specificity": 0.5, "auroc": 0.9, "mcc": 0.5, "f1": 0.8}
-    record = fake_record("fedit", 0) | {"method": "fedit", "seed": 0}
-    record["evaluations"] = [{"site": site, "model_kind": "global", "metrics": metrics, "n": 4} for site in SITES]
-    rows = result_rows([record])
-    assert [row["site"] for row in rows] == list(SITES)
-    assert all(row["bal_acc"] == 0.75 and row["n_test"] == 4 for row in rows)
+def test_the_parts_cover_the_design_once():
+    headline = {unit.method for unit in PARTS["headline"]}
+    assert headline == set(METHODS)
+    sweep = PARTS["sweep-low"] + PARTS["sweep-high"]
+    assert {unit.condition.heterogeneity for unit in sweep} == {0.0, 0.5, 1.5}
+    assert {unit.method for unit in sweep} == set(SWEEP_METHODS) <= headline
+    roles = {unit.condition.role for unit in PARTS["controls"]}
+    assert roles == {"negative control", "positive control"}
+    everything = units_of(("headline", "sweep-low", "sweep-high", "controls", "headline"))
+    assert len(everything) == len(set(everything)) == sum(len(units) for units in PARTS.values())
+    quick = units_of(tuple(PARTS), quick=True)
+    assert {unit.condition.heterogeneity for unit in quick if unit.condition.role == "sweep"} == {0.0}
+    assert set(quick) < set(everything) and {unit.condition.role for unit in quick} == {
+        "headline",
+        "sweep",
+        "negative control",
+        "positive control",
+    }

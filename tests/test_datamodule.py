@@ -12,7 +12,8 @@ import torch
 from data_prep.cohort import volume_digests
 from data_prep.datamodule import VendorDataModule
 from data_prep.preprocess import read_volume
-from data_prep.report import image_path, read_manifest
+from data_prep.report import image_path, read_manifest, write_csv_atomic
+from data_prep.splits import REFERENCE_SUFFIX, REFERENCE_TEST_SPLIT
 from models.protocol import DATA_ENV
 
 
@@ -158,3 +159,42 @@ def test_links_inside_the_data_root_are_followed(prepared_root: Path, tmp_path: 
     module = VendorDataModule(tmp_path / "root_link", clients=row["client"], augment=False)
     module.setup("fit")
     assert image_path(tmp_path / "root_link" / "manifest.csv", row) == target.resolve()
+
+
+def _with_reference_split(prepared_root: Path, root: Path) -> list[str]:
+    """Copy the prepared root and add a test_siemens row per ge test subject (same volume); returns their ids."""
+    shutil.copytree(prepared_root, root)
+    manifest = root / "manifest.csv"
+    rows = read_manifest(manifest)
+    extra = [
+        {**row, "subject_id": row["subject_id"] + REFERENCE_SUFFIX, "split": REFERENCE_TEST_SPLIT}
+        for row in rows
+        if row["client"] == "ge" and row["split"] == "test"
+    ]
+    write_csv_atomic(manifest, list(rows[0]), [*rows, *extra])
+    return [row["subject_id"] for row in extra]
+
+
+def test_extra_split_has_its_own_loader_and_leaves_the_others_alone(prepared_root: Path, tmp_path: Path) -> None:
+    reference_ids = _with_reference_split(prepared_root, tmp_path / "copy")
+    plain = VendorDataModule(prepared_root, clients="ge", augment=False)
+    module = VendorDataModule(tmp_path / "copy", clients="ge", augment=False)
+    assert module.rows == plain.rows and not plain.has_split(REFERENCE_TEST_SPLIT)
+    assert module.has_split(REFERENCE_TEST_SPLIT) and module.has_split("test") and not module.has_split("holdout")
+    assert not VendorDataModule(tmp_path / "copy", clients="canon").has_split(REFERENCE_TEST_SPLIT)
+    batches = list(module.split_dataloader(REFERENCE_TEST_SPLIT))
+    assert [s for batch in batches for s in batch["subject_id"]] == reference_ids
+    tests = list(module.split_dataloader("test"))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, tests, strict=True))
+    module.setup("fit")
+    loaders = (module.train_dataloader, module.val_dataloader, module.test_dataloader)
+    seen = {s for loader in loaders for batch in loader() for s in batch["subject_id"]}
+    assert not seen & set(reference_ids)
+
+
+@pytest.mark.parametrize(("split", "message"), [("train", "train_dataloader"), ("holdout", "no subjects")])
+def test_split_loader_refuses_training_and_absent_splits(prepared_root: Path, split: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        VendorDataModule(prepared_root, clients="ge").split_dataloader(split)
+    with pytest.raises(ValueError, match=f"{prepared_root / 'manifest.csv'}"):
+        VendorDataModule(prepared_root, clients="ge").split_dataloader(REFERENCE_TEST_SPLIT)

@@ -264,3 +264,34 @@ def test_the_server_exports_the_final_global_model(finished_run):
     assert all(torch.equal(exported[key], final[key]) for key in final), (
         "the exported global model is not the final one"
     )
+
+
+@pytest.fixture(scope="module")
+def replica_run(simulate_sites, tmp_path_factory: pytest.TempPathFactory) -> SimulatorRun:
+    """The same job as `finished_run`, as two replicas in one simulator job: seed 1, then seed 0."""
+    root = tmp_path_factory.mktemp("replicas")
+    return simulate_sites(export_job(CONFIG.replace(replica_seeds=(1, 0), name="replicas"), root / "jobs"), root)
+
+
+def _predictions(run: SimulatorRun, site: str, seed: int | None) -> dict[str, list[tuple[str, float]]]:
+    report = run.test_metrics(site, seed)
+    return {
+        kind: [(entry["subject_id"], entry["p_diseased"]) for entry in rows]
+        for kind, rows in report["predictions"].items()
+    }
+
+
+def test_replicas_in_one_job_are_the_runs_of_their_seeds(finished_run, replica_run):
+    """Each replica is a run of its own: seed 0, run second after seed 1 in the same site processes, scores every
+    test subject exactly as the job of seed 0 alone did; seed 1 is another run; each has its own exported models."""
+    run, _ = finished_run
+    assert replica_run.problems() == [] and replica_run.replica_seeds == (1, 0)
+    for site in SITES:
+        assert _predictions(replica_run, site, 0) == _predictions(run, site, None)
+        assert _predictions(replica_run, site, 1) != _predictions(run, site, None)
+        for seed in (0, 1):
+            metadata = read_metadata(replica_run.personalised_model_dir(site, seed))
+            assert metadata["training"]["seed"] == seed
+    for seed in (0, 1):
+        assert read_metadata(replica_run.global_model_dir_of(seed))["replica_seed"] == seed
+    assert replica_run.log().count("Finished FedAvg.") == 2

@@ -63,7 +63,7 @@ def test_affines_and_dtypes_per_layout(synthetic_raw: Path) -> None:
 def test_non_orthonormal_affine_quirk() -> None:
     rng = np.random.default_rng(0)
     heart = sample_heart("NOR", rng)
-    acq = sample_acquisition(PROFILES["ge"], heart, rng, 10.0, (18, 18), False, 0.0)
+    acq = sample_acquisition(PROFILES["ge"], heart, rng, 10.0, (18, 18), False, 0.0, rng)
     directions = oblique_affine(acq, rng, shear=0.03)[:3, :3] / [*acq.spacing, acq.slice_step]
     assert abs(np.dot(directions[:, 0], directions[:, 1])) > 0.02
 
@@ -175,7 +175,7 @@ def test_rendered_heart_beats_and_ef_depends_on_pathology() -> None:
     def ejection_fraction(code: str, seed: int) -> float:
         rng = np.random.default_rng(seed)
         heart = sample_heart(code, rng)
-        acq = sample_acquisition(PROFILES["canon"], heart, rng, 10.0, (18, 18), False, 0.0)
+        acq = sample_acquisition(PROFILES["canon"], heart, rng, 10.0, (18, 18), False, 0.0, rng)
         cine = render_sax(heart, acq, rng)
         edv, esv = ((cine.labels[t] == LV_LABEL).sum() for t in (acq.ed, acq.es))
         return 1 - esv / edv
@@ -191,15 +191,17 @@ def test_contraction_phase_cycle() -> None:
 
 
 def test_vendor_noise_differs() -> None:
+    """Canon's lower SNR shows in the background noise (GE's and Philips' reconstruction blur smooths theirs)."""
+
     def noise_to_signal(vendor: str) -> float:
         rng = np.random.default_rng(1)
         heart = sample_heart("NOR", rng)
         profile = PROFILES[vendor]
-        acq = sample_acquisition(profile, heart, rng, 10.0, (18, 18), False, 0.0)
+        acq = sample_acquisition(profile, heart, rng, 10.0, (18, 18), False, 0.0, rng)
         signal = render_sax(heart, acq, rng).signal
         return float(signal[:8, :8].std() / np.percentile(signal, 99))
 
-    assert noise_to_signal("ge") > noise_to_signal("siemens")
+    assert noise_to_signal("canon") > noise_to_signal("siemens")
 
 
 def test_cli_rejects_zero_subjects(tmp_path: Path) -> None:
@@ -210,6 +212,6 @@ def test_cli_rejects_zero_subjects(tmp_path: Path) -> None:
 def test_acquisition_follows_vendor_profile(vendor: str) -> None:
     rng = np.random.default_rng(2)
     profile = PROFILES[vendor]
-    acq = sample_acquisition(profile, sample_heart("NOR", rng), rng, 10.0, (18, 20), False, 0.0)
+    acq = sample_acquisition(profile, sample_heart("NOR", rng), rng, 10.0, (18, 20), False, 0.0, rng)
     assert profile.spacing_mm[0] <= acq.spacing[0] <= profile.spacing_mm[1]
     assert profile.snr[0] <= acq.snr <= profile.snr[1] and 5 <= acq.n_slices <= 16 and acq.ed != acq.es
