@@ -173,30 +173,32 @@ def summarise_missing_keys(policy: SharingPolicy) -> None:
 
 
 class ReportEpochs(pl.Callback):
-    """After each training epoch: a PROGRESS_MARK line on stdout, and the epoch's mean training loss streamed to
-    the server's tracking (only when the site trains on at least MIN_SUBJECTS_PER_FIGURE subjects)."""
+    """After each training epoch: a PROGRESS_MARK line on stdout (with the replica's seed in a job of several), and
+    the epoch's mean training loss streamed to the server's tracking (only when the site trains on at least
+    MIN_SUBJECTS_PER_FIGURE subjects)."""
 
     def __init__(
-        self, tracker: SummaryWriter | None, site: str, current_round: int, n_train: int, tag_prefix: str = ""
+        self, tracker: SummaryWriter | None, site: str, current_round: int, n_train: int, seed: int | None = None
     ):
         self.tracker = tracker if n_train >= MIN_SUBJECTS_PER_FIGURE else None
         self.site = site
         self.current_round = current_round
-        self.tag_prefix = tag_prefix
+        self.seed = seed
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loss = trainer.callback_metrics.get("train_loss")
         if loss is None:
             return
         epoch = trainer.current_epoch
+        replica = "" if self.seed is None else f" seed={self.seed}"
         print(
             f"{PROGRESS_MARK} site={self.site} round={self.current_round} epoch={epoch + 1}/{trainer.max_epochs} "
-            f"train_loss={float(loss):.4f}",
+            f"train_loss={float(loss):.4f}{replica}",
             flush=True,
         )
         if self.tracker is not None:
             step = self.current_round * (trainer.max_epochs or 1) + epoch
-            self.tracker.add_scalar(f"{self.tag_prefix}train_loss", float(loss), global_step=step)
+            self.tracker.add_scalar(f"{replica_tag_prefix(self.seed)}train_loss", float(loss), global_step=step)
 
 
 class SavePrivateState(pl.Callback):
@@ -387,7 +389,7 @@ def export_personalised(
 
 
 def track_validation(
-    tracker: SummaryWriter, metrics: dict[str, Any], current_round: int, tag_prefix: str = ""
+    tracker: SummaryWriter, metrics: dict[str, Any], current_round: int, seed: int | None = None
 ) -> None:
     """Stream the round's validation curves to the server's TensorBoard, unless they describe too few subjects."""
     if float(metrics.get("val_n", 0)) < MIN_SUBJECTS_PER_FIGURE:
@@ -397,7 +399,7 @@ def track_validation(
         return
     for name in TRACKED_METRICS:
         if name in metrics:
-            tracker.add_scalar(tag_prefix + name, float(metrics[name]), global_step=current_round)
+            tracker.add_scalar(replica_tag_prefix(seed) + name, float(metrics[name]), global_step=current_round)
 
 
 def check_global_model(module: DualLoRAClassifier, received: FLModel, current_round: int | None) -> None:
@@ -425,6 +427,11 @@ def announce_fedprox(config: SiteConfig, received: FLModel) -> None:
         )
 
 
+def replica_tag_prefix(seed: int | None) -> str:
+    """Prefix of a replica's tracked curves (`seed1/val_bal_acc`); none for a job of one run."""
+    return f"{replica_folder(seed)}/" if seed is not None else ""
+
+
 @dataclass
 class Replica:
     """One run the site takes part in: its configuration (seed), model, private state, data and output folder."""
@@ -436,11 +443,6 @@ class Replica:
     data_root: str
     run_dir: str
     contract: dict[str, Any] | None = None
-
-    @property
-    def tag_prefix(self) -> str:
-        """Prefix of the replica's tracked curves (`seed1/val_bal_acc`); none for a job of one run."""
-        return f"{replica_folder(self.seed)}/" if self.seed is not None else ""
 
 
 def open_replica(
@@ -523,10 +525,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         site_meta = {FULL_MODEL_BYTES_KEY: full_model_bytes(module), SAMPLES_KEY: datamodule.num_train_samples}
         module.__fl_meta__ = site_meta
         n_train = datamodule.num_train_samples
-        report = ReportEpochs(tracker, site, received.current_round, n_train, replica.tag_prefix)
+        report = ReportEpochs(tracker, site, received.current_round, n_train, replica.seed)
         trainer = round_trainer(config, state, received.current_round, report)
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        track_validation(tracker, trainer.callback_metrics, received.current_round, replica.tag_prefix)
+        track_validation(tracker, trainer.callback_metrics, received.current_round, replica.seed)
         trainer.fit(module, datamodule=datamodule)
 
 

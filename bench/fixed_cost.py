@@ -1,9 +1,9 @@
 """NVFlare's fixed cost per benchmark run, with one run per simulator job and with several seeds (replicas) per job.
 
 `python bench/fixed_cost.py` prints one JSON object. It runs the benchmark's workload (the `med_duallora` job on
-the benchmark's h = 1 cohorts: 40 training, 40 validation and 300 + 300 reference test subjects a site, the given
-rounds and local epochs, 4 sites as 4 simulator threads) as a job of one replica and as a job of `--seeds` replicas
-(custom.controller), and splits the wall time into:
+the benchmark's h = 1 cohorts: 40 training, 40 validation and 300 + 300 reference test subjects a site, the
+pre-registered hyperparameters, 4 sites as 4 simulator threads) as a job of one replica and as a job of `--seeds`
+replicas (custom.controller), and splits the wall time into:
 - `per_run_s`: what one more seed adds to a job (its rounds, final evaluation, export): (wall(k) - wall(1)) / (k - 1);
 - `fixed_s`: what a job costs beyond its runs (simulator and site processes starting, imports, shutdown):
   wall(1) - per_run_s.
@@ -38,15 +38,25 @@ def data_pattern(out: Path, roots: dict[int, Path]) -> str:
     return pattern
 
 
-def timed_job(out: Path, seeds: Sequence[int], data: str, rounds: int, local_epochs: int) -> float:
-    """Wall seconds of one simulator job running `seeds` as replicas (one seed: an ordinary job)."""
+def pre_registered(path: Path) -> dict[str, float]:
+    """The benchmark's pre-registered rounds, local epochs, learning rate and batch size (defaults without one)."""
+    chosen = json.loads(path.read_text(encoding="utf-8"))["chosen"] if path.is_file() else {}
+    defaults = {"rounds": 5, "local_epochs": 2, "lr": 1e-3, "batch_size": 4}
+    return {name: chosen.get(name, value) for name, value in defaults.items()}
+
+
+def timed_job(out: Path, seeds: Sequence[int], data: str, hyperparameters: dict[str, float]) -> float:
+    """Wall seconds of one simulator job running `seeds` as replicas (one seed: an ordinary job), from its export to
+    its artifacts checked, as the benchmark runs a unit."""
     name = f"fixed_cost_{len(seeds)}"
     config = FederationConfig.for_method(
         "med_duallora",
-        rounds=rounds,
+        rounds=int(hyperparameters["rounds"]),
         min_clients=len(SITES),
         name=name,
-        local_epochs=local_epochs,
+        local_epochs=int(hyperparameters["local_epochs"]),
+        lr=hyperparameters["lr"],
+        batch_size=int(hyperparameters["batch_size"]),
         seed=seeds[0],
         threads=1,
         replica_seeds=tuple(seeds) if len(seeds) > 1 else (),
@@ -64,17 +74,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/fixed_cost.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_fixed_cost"))
     parser.add_argument("--seeds", type=int, default=3, help="replicas per job, as the benchmark runs them")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument(
+        "--cohort",
+        type=Path,
+        default=Path("runs/benchmark/cohorts/h1.0"),
+        help="the benchmark's h = 1 cohort folder (reused when the benchmark built it, else built here)",
+    )
+    parser.add_argument("--preregistration", type=Path, default=Path("docs/results/preregistration.json"))
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be at least 2 (the cost of one more seed is measured)")
     out = args.out.resolve()
     seeds = list(range(args.seeds))
-    roots = build_benchmark_roots(out / "cohorts", BenchmarkCohortSpec(), seeds, prepare_args(), workers=2)
-    data = data_pattern(out / "cohorts", roots)
-    one = timed_job(out, seeds[:1], data, args.rounds, args.local_epochs)
-    several = timed_job(out, seeds, data, args.rounds, args.local_epochs)
+    cohort = args.cohort.resolve()
+    roots = build_benchmark_roots(cohort, BenchmarkCohortSpec(), seeds, prepare_args(), workers=2)
+    data = data_pattern(cohort, roots)
+    hyperparameters = pre_registered(args.preregistration)
+    one = timed_job(out, seeds[:1], data, hyperparameters)
+    several = timed_job(out, seeds, data, hyperparameters)
     per_run = (several - one) / (args.seeds - 1)
     fixed = one - per_run
     report = {
@@ -88,8 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": {"1_replica": round(one, 1), f"{args.seeds}_replicas": round(several, 1)},
         "workload": {
             "method": "med_duallora",
-            "rounds": args.rounds,
-            "local_epochs": args.local_epochs,
+            **hyperparameters,
             "cohort": "benchmark h = 1: 40 train, 40 val, 300 test + 300 Siemens-profile test subjects a site",
             "simulator_threads": len(SITES),
             "cpu_count": os.cpu_count(),

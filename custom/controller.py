@@ -26,6 +26,8 @@ from models.protocol import (
 )
 
 EVALUATE_TASK = "validate"
+REPLICA_STARTED = "replica seed"
+"""Starts the server log line of each replica's start (`replica seed 2 (3/3)`), which the simulator runner reads."""
 REPLICA_CHECKPOINT = "ckpt/init_global_adapters_seed{}.pt"
 """A replica's initial global model, in the server app's custom/ folder (the job writes one per replica seed)."""
 
@@ -85,7 +87,7 @@ class ResilientFedAvg(FedAvg):
             self.replica_seed = seed
             self._final_model = None
             if seed is not None:
-                self.info(f"replica seed {seed} ({self.replica_seeds.index(seed) + 1}/{len(self.replica_seeds)})")
+                self.info(f"{REPLICA_STARTED} {seed} ({self.replica_seeds.index(seed) + 1}/{len(self.replica_seeds)})")
                 self.model = FLModel(params=self._replica_initial_state(seed))
             super().run()
             if self._final_model is not None and not self.abort_signal.triggered:

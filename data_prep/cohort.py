@@ -12,9 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from data_prep.preprocess import read_volume
+from data_prep.preprocess import read_volume, to_uint8
 from data_prep.report import PREPARED_FILE, image_path, read_manifest
 from models.atomic_io import write_json_atomic
 from models.protocol import SITES
@@ -103,7 +101,7 @@ def volume_digests(root: Path) -> dict[str, str]:
     """sha256 of every subject's voxels as the data module holds them (uint8 of the [0, 1] volume), by subject id."""
     digests = {}
     for row in read_manifest(root / "manifest.csv"):
-        voxels = np.rint(read_volume(image_path(root / "manifest.csv", row)) * 255).astype(np.uint8)
+        voxels = to_uint8(read_volume(image_path(root / "manifest.csv", row)))
         digests[row["subject_id"]] = hashlib.sha256(voxels.tobytes()).hexdigest()
     return digests
 

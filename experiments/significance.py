@@ -1,10 +1,10 @@
-"""Paired Wilcoxon signed-rank tests of one method against each baseline over (seed, site) pairs, Holm-adjusted."""
+"""Paired Wilcoxon signed-rank test over (seed, site) pairs (the benchmark's secondary column), Holm's adjustment."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -91,33 +91,3 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
         running_max = max(running_max, min(1.0, (len(tested) - rank) * p))
         adjusted[index] = running_max
     return adjusted
-
-
-def compare_to_baselines(
-    reference: str, scores: Mapping[str, Mapping[Hashable, float]], baselines: Sequence[str]
-) -> list[PairedTest]:
-    """Test `reference` against each baseline on the pairing keys (e.g. (seed, site)) both have a finite score for.
-
-    `scores[method][key]` is one score; keys present for only one of the two methods are left out and counted in the
-    note.
-    The p-values are Holm-adjusted across the baselines.
-    """
-    tests = []
-    for baseline in baselines:
-        reference_scores, baseline_scores = scores.get(reference, {}), scores.get(baseline, {})
-        keys = [
-            key
-            for key in sorted(set(reference_scores) & set(baseline_scores), key=repr)
-            if math.isfinite(reference_scores[key]) and math.isfinite(baseline_scores[key])
-        ]
-        test = paired_wilcoxon(reference, baseline, [reference_scores[key] - baseline_scores[key] for key in keys])
-        unpaired = len(set(reference_scores) | set(baseline_scores)) - len(keys)
-        if unpaired:
-            test = _with_note(test, f"{unpaired} unpaired or undefined score(s) left out")
-        tests.append(test)
-    adjusted = holm_adjust([test.p_value for test in tests])
-    return [replace(test, p_holm=p_holm) for test, p_holm in zip(tests, adjusted, strict=True)]
-
-
-def _with_note(test: PairedTest, extra: str) -> PairedTest:
-    return replace(test, note="; ".join(filter(None, [test.note, extra])))

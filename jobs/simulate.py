@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from custom.controller import REPLICA_STARTED
 from jobs.processes import stop_processes_in
 from models.protocol import (
     AUDIT_FILE,
@@ -191,16 +192,21 @@ class SiteProgress:
     """The epoch just finished (1-based), of `epochs`."""
     epochs: int
     train_loss: float | None = None
+    seed: int | None = None
+    """The replica's seed in a job of several replicas (custom.controller), else None."""
 
     def describe(self, rounds: int | str) -> str:
-        """`round 3/5  ge  epoch 3/20  train_loss 0.531` (rounds 1-based, as the round lines)."""
+        """`round 3/5  ge  epoch 3/20  train_loss 0.531` (rounds 1-based, as the round lines), after `seed 1  ` in
+        a job of several replicas."""
         line = f"round {self.round + 1}/{rounds}  {self.site}  epoch {self.epoch}/{self.epochs}"
+        if self.seed is not None:
+            line = f"seed {self.seed}  {line}"
         return line if self.train_loss is None else f"{line}  train_loss {self.train_loss:.3f}"
 
 
 def parse_progress(line: str) -> SiteProgress | None:
     """The SiteProgress of a line holding PROGRESS_MARK (after any log prefix; `key=value` fields other than
-    site, round, epoch=E/N and train_loss are ignored); None for any other line or a malformed one."""
+    site, round, epoch=E/N, train_loss and seed are ignored); None for any other line or a malformed one."""
     _, mark, rest = line.partition(PROGRESS_MARK)
     if not mark:
         return None
@@ -208,8 +214,9 @@ def parse_progress(line: str) -> SiteProgress | None:
     try:
         epoch, _, epochs = fields["epoch"].partition("/")
         loss = fields.get("train_loss")
+        seed = int(fields["seed"]) if "seed" in fields else None
         return SiteProgress(
-            fields["site"], int(fields["round"]), int(epoch), int(epochs), None if loss is None else float(loss)
+            fields["site"], int(fields["round"]), int(epoch), int(epochs), None if loss is None else float(loss), seed
         )
     except (KeyError, ValueError):
         return None
@@ -265,7 +272,7 @@ class RunMonitor:
         self.on_progress = on_progress
         self.port_clash_line = ""
         self._round = -1
-        self._epochs: set[tuple[str, int, int]] = set()
+        self._epochs: set[tuple[str, int, int, int | None]] = set()
 
     def read(self, final: bool = False) -> bool:
         """Read what both logs gained and report it; whether they grew."""
@@ -280,13 +287,16 @@ class RunMonitor:
         if not self.port_clash_line and any(signature in line for signature in PORT_CLASH_SIGNATURES):
             self.port_clash_line = line.strip()
         progress = parse_progress(line)
-        if progress is None or (progress.site, progress.round, progress.epoch) in self._epochs:
+        key = None if progress is None else (progress.site, progress.round, progress.epoch, progress.seed)
+        if key is None or key in self._epochs:
             return
-        self._epochs.add((progress.site, progress.round, progress.epoch))
+        self._epochs.add(key)
         if self.on_progress is not None:
             self.on_progress(progress)
 
     def _server_line(self, line: str) -> None:
+        if REPLICA_STARTED in line:  # the next replica counts its rounds from its start round again
+            self._round = -1
         started = round_started(line)
         if started is not None and started > self._round:
             self._round = started

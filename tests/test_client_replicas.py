@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.client import open_replica
+from app.client import open_replica, replica_tag_prefix
 from app.site_config import SiteConfig
 from models.protocol import DATA_ENV
 
@@ -29,9 +29,11 @@ def test_a_replica_is_the_run_of_its_seed(monkeypatch, tmp_path: Path, data_env:
     wanted_seed = 7 if seed is None else seed
     assert replica.config.seed == replica.config.adapter.init_seed == wanted_seed
     if seed is None:
-        assert Path(replica.run_dir) == job_dir and replica.config.run_name == "bench" and replica.tag_prefix == ""
+        assert (
+            Path(replica.run_dir) == job_dir and replica.config.run_name == "bench" and replica_tag_prefix(seed) == ""
+        )
     else:
-        assert Path(replica.run_dir) == job_dir / f"seed{seed}" and replica.tag_prefix == f"seed{seed}/"
+        assert Path(replica.run_dir) == job_dir / f"seed{seed}" and replica_tag_prefix(seed) == f"seed{seed}/"
         assert replica.config.run_name == f"bench.seed{seed}" and replica.state.path.endswith(f"bench.seed{seed}/ge")
     assert Path(replica.run_dir).is_dir()
 

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from experiments import report
-from experiments.design import HEADLINE, NEGATIVE_CONTROL, POSITIVE_CONTROL, SHIFTED_SITE, Condition
-from experiments.records import RECORD_SCHEMA, record_path, rounded, write_record
-from experiments.report import (
+from experiments import analysis as benchmark_analysis
+from experiments.analysis import (
+    PLOT_FILES,
     RESULT_COLUMNS,
     Benchmark,
     Scored,
@@ -22,8 +21,10 @@ from experiments.report import (
     over_sites,
     paired_deltas,
     positive_verdict,
-    write_report,
 )
+from experiments.design import HEADLINE, NEGATIVE_CONTROL, POSITIVE_CONTROL, SHIFTED_SITE, Condition
+from experiments.records import RECORD_SCHEMA, record_path, rounded, write_record
+from experiments.report import write_report
 from experiments.stats import Effect, auroc, balanced_accuracy, paired_delta, worst_site_interval
 from models.protocol import SITES
 
@@ -132,9 +133,9 @@ def test_every_file_is_written_with_one_row_per_model_and_intervals_around_each_
     records += write_runs(tmp_path, Condition(0.0), ("med_duallora", "fedit"))
     paths = write_report(tmp_path, log=quiet, **FAST)
     names = {path.name for path in paths}
-    assert {"results.csv", "summary.md", *report.PLOT_FILES.values()} == names
+    assert {"results.csv", "summary.md", *PLOT_FILES.values()} == names
     assert all(path.is_file() and path.stat().st_size > 0 for path in paths)
-    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in report.PLOT_FILES.values())
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in PLOT_FILES.values())
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary file left
 
     with open(tmp_path / "results.csv", newline="") as handle:
@@ -262,7 +263,9 @@ def test_effects_are_paired_by_seed_and_subject_whatever_order_the_records_list_
         tmp_path, HEADLINE, ("med_duallora",), seeds=(0, 1, 2), strengths={"med_duallora": gain}, shuffle=True
     )
     benchmark = Benchmark.of(records)
-    effects = report.site_effects(benchmark, HEADLINE.name, report.SWEEP_COMPARISONS[1], n_boot=300)
+    effects = benchmark_analysis.site_effects(
+        benchmark, HEADLINE.name, benchmark_analysis.SWEEP_COMPARISONS[1], n_boot=300
+    )
     assert set(effects) == set(SITES)
     for site, effect in effects.items():
         assert effect.low > 0 and effect.n_seeds == 3
@@ -274,14 +277,14 @@ def test_effects_are_paired_by_seed_and_subject_whatever_order_the_records_list_
             scores = {kind: np.array(model["test"])[order] for kind, model in entry["models"].items()}
             per_seed.append(auroc(ordered, scores["personalised"]) - auroc(ordered, scores["global"]))
         assert effect.estimate == pytest.approx(float(np.mean(per_seed)))
-    analysis = report.analyse(benchmark, n_boot=300)
+    analysis = benchmark_analysis.analyse(benchmark, n_boot=300)
     assert [item.effect.low > 0 for item in analysis.effects] == [True] * len(SITES)
 
 
 def test_primary_effects_have_holm_p_values_and_intervals_around_their_estimates(tmp_path):
     strengths = {"med_duallora": {("personalised", "ge"): 3.0}, "fedit": {("global", "ge"): 0.5}}
     records = write_runs(tmp_path, HEADLINE, KINDS, seeds=(0, 1, 2), strengths=strengths)
-    analysis = report.analyse(Benchmark.of(records), n_boot=300)
+    analysis = benchmark_analysis.analyse(Benchmark.of(records), n_boot=300)
     labels = {item.comparison.label for item in analysis.effects}
     assert "med_duallora (personalised) − fedit (global)" in labels
     assert "med_duallora (personalised) − med_duallora (global)" in labels
@@ -300,7 +303,7 @@ def test_primary_effects_have_holm_p_values_and_intervals_around_their_estimates
 def test_headline_rows_average_the_sites_and_find_the_worst_one(tmp_path):
     weak_at_canon = {("global", "canon"): 0.3}
     records = write_runs(tmp_path, HEADLINE, ("fedit",), seeds=(0, 1, 2), strengths={"fedit": weak_at_canon})
-    (row,) = report.headline_rows(Benchmark.of(records), HEADLINE.name, n_boot=300)
+    (row,) = benchmark_analysis.headline_rows(Benchmark.of(records), HEADLINE.name, n_boot=300)
     per_site = {}
     for site in SITES:
         per_site[site] = np.mean(
@@ -356,7 +359,7 @@ def test_records_of_one_condition_must_score_the_same_test_subjects(tmp_path):
 def test_a_headline_only_run_reports_what_is_missing(tmp_path):
     write_runs(tmp_path, HEADLINE, ("med_duallora", "fedit"), n_test=40)
     paths = write_report(tmp_path, log=quiet, **FAST)
-    assert len(paths) == 2 + len(report.PLOT_FILES)
+    assert len(paths) == 2 + len(PLOT_FILES)
     text = summary(tmp_path)
     assert (
         "not run: h1.0/med_duallora_all_blocks" in text

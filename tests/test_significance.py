@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from experiments.significance import compare_to_baselines, holm_adjust, paired_wilcoxon
+from experiments.significance import holm_adjust, paired_wilcoxon
 
 
 def test_exact_p_when_all_six_differences_favour_the_reference():
@@ -65,15 +65,3 @@ def test_normal_approximation_beyond_permutation_size():
 def test_holm_adjustment_by_hand():
     # Sorted 0.01, 0.02, 0.04 -> 3*0.01, max(0.03, 2*0.02), max(0.04, 1*0.04); NaN stays out.
     assert holm_adjust([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.04, 0.03, math.nan, 0.04], nan_ok=True)
-
-
-def test_compare_pairs_only_shared_keys():
-    keys = [(seed, site) for seed in range(2) for site in "abc"]
-    reference = {key: 0.8 + 0.01 * index for index, key in enumerate(keys)}
-    baseline = {key: 0.7 for key in keys} | {(9, "z"): 0.1}
-    worse = {key: 0.9 for key in keys[:3]}
-    tests = compare_to_baselines("ref", {"ref": reference, "base": baseline, "worse": worse}, ["base", "worse"])
-    assert tests[0].n_pairs == 6 and tests[0].p_value == pytest.approx(2 / 64)
-    assert "1 unpaired or undefined score(s) left out" in tests[0].note
-    assert tests[0].p_holm == pytest.approx(2 / 64)  # the other test has no p-value, so no correction
-    assert tests[1].n_pairs == 3 and math.isnan(tests[1].p_value)

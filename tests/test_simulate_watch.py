@@ -22,7 +22,16 @@ import pytest
 from jobs import simulate
 from jobs.job import simulate as job_simulate
 from jobs.recipe import FederationConfig
-from jobs.simulate import PORT_CLASH, LogTail, SiteProgress, last_epochs_only, parse_progress, run_simulator, watch
+from jobs.simulate import (
+    PORT_CLASH,
+    LogTail,
+    RunMonitor,
+    SiteProgress,
+    last_epochs_only,
+    parse_progress,
+    run_simulator,
+    watch,
+)
 
 SITES = ("ge", "canon")
 STALL_SECONDS = 30  # a run the runner fails to stop as it should is stopped in 30 s, not the default 240 s
@@ -194,6 +203,10 @@ def test_job_py_simulate_prints_the_progress_as_it_comes(fake_simulator, tmp_pat
             SiteProgress("canon", 0, 1, 5, 1.5),
         ),
         ("med-duallora progress: site=ge round=1 epoch=2/4", SiteProgress("ge", 1, 2, 4, None)),
+        (
+            "med-duallora progress: site=ge round=1 epoch=2/4 train_loss=0.5 seed=2",
+            SiteProgress("ge", 1, 2, 4, 0.5, seed=2),
+        ),
         ("med-duallora progress: site=ge round=x epoch=2/4 train_loss=1", None),
         ("med-duallora progress: site=ge epoch=2/4", None),
         ("x - Round 2 started.", None),
@@ -201,6 +214,29 @@ def test_job_py_simulate_prints_the_progress_as_it_comes(fake_simulator, tmp_pat
 )
 def test_progress_lines_are_parsed(line, expected):
     assert parse_progress(line) == expected
+
+
+def test_each_replica_reports_its_rounds_and_epochs(tmp_path):
+    """In a job of several replicas every seed counts its rounds from 0 again: each replica's rounds and epochs are
+    reported, and an epoch line says which seed it belongs to."""
+    (tmp_path / "ws" / "server").mkdir(parents=True)
+    rounds: list[int] = []
+    epochs: list[SiteProgress] = []
+    monitor = RunMonitor(tmp_path / "sim.log", tmp_path / "ws", rounds.append, epochs.append)
+    server = [
+        "replica seed 1 (1/2)",
+        "Round 0 started.",
+        "Round 1 started.",
+        "replica seed 0 (2/2)",
+        "Round 0 started.",
+    ]
+    (tmp_path / "ws" / "server" / "log.txt").write_text("".join(f"x - INFO - {line}\n" for line in server))
+    progress = [f"med-duallora progress: site=ge round=0 epoch=1/1 train_loss=0.5 seed={seed}" for seed in (1, 0, 0)]
+    (tmp_path / "sim.log").write_text("".join(f"{line}\n" for line in progress))
+    monitor.read(final=True)
+    assert rounds == [0, 1, 0]
+    assert epochs == [SiteProgress("ge", 0, 1, 1, 0.5, seed=1), SiteProgress("ge", 0, 1, 1, 0.5, seed=0)]
+    assert epochs[0].describe(2) == "seed 1  round 1/2  ge  epoch 1/1  train_loss 0.500"
 
 
 def test_the_log_is_read_as_it_grows_never_again(tmp_path, monkeypatch):
