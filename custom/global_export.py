@@ -44,7 +44,11 @@ def export_global_model(
         path = os.path.join(run_dir, NO_GLOBAL_MODEL_FILE)
         write_text_atomic(path, no_global_model_note(policy))
         return path
-    model = global_peft_model(spec, policy, params)
+    adapter = DualLoRAConfig(**spec["adapter"])
+    if replica_seed is not None:
+        # the replica's adapters were drawn from its own seed; a part never sent (FFA-LoRA's frozen A) must be too
+        adapter = dataclasses.replace(adapter, init_seed=replica_seed)
+    model = global_peft_model(spec, policy, params, adapter)
     group = "global_only" if policy.is_dual else "personalised"
     metadata = {
         "kind": "global",
@@ -58,10 +62,8 @@ def export_global_model(
             "test": {site: _group_figures(figures, group) for site, figures in sorted(test_figures.items())},
         },
     }
-    adapter = DualLoRAConfig(**spec["adapter"])
     if replica_seed is not None:
         metadata["replica_seed"] = replica_seed
-        adapter = dataclasses.replace(adapter, init_seed=replica_seed)
     adapters = ("global",) if policy.is_dual else policy.adapters
     threshold = float(pooled["threshold"]) if pooled else DEFAULT_THRESHOLD
     out = os.path.join(run_dir, GLOBAL_MODEL_DIR)
@@ -69,10 +71,13 @@ def export_global_model(
     return out
 
 
-def global_peft_model(spec: Mapping[str, Any], policy: SharingPolicy, params: Mapping[str, Any]) -> torch.nn.Module:
+def global_peft_model(
+    spec: Mapping[str, Any], policy: SharingPolicy, params: Mapping[str, Any], adapter: DualLoRAConfig
+) -> torch.nn.Module:
     """The model the global parameters complete: a ConvViT of the spec's shape (its frozen backbone is never
-    written, so it is left at its initialisation) with the policy's adapters, loaded with every shared entry."""
-    model = add_adapters(ConvViT(ConvViTConfig(**spec["convvit"])), DualLoRAConfig(**spec["adapter"]), policy)
+    written, so it is left at its initialisation) with the policy's adapters drawn as `adapter` draws them (parts
+    that are never sent keep that initialisation), loaded with every shared entry."""
+    model = add_adapters(ConvViT(ConvViTConfig(**spec["convvit"])), adapter, policy)
     own = model.state_dict()
     state = {key.removeprefix(LIGHTNING_PREFIX): torch.as_tensor(value) for key, value in params.items()}
     unknown = sorted(set(state) - set(own))

@@ -1,8 +1,9 @@
 """The benchmark's prepared roots: per seed, train/val subjects of every site from that seed and one fixed test set
 (with its Siemens rendering), built with the direct path in parallel, deterministic and resumable.
 
-Layout under `out`: `test_set/` (the test volumes, rendered once) and `seed_<S>/` per seed, a normal prepared root
-(manifest.csv, prepared.json, skipped.csv, volumes/<site>/...) whose test volumes are hard links into `test_set/`.
+Layout under `out`: `test_set/` (the test volumes of the first draw, rendered once), `test_set_draw<k>/` for each
+further draw k, and `seed_<S>/` per seed, a normal prepared root (manifest.csv, prepared.json, skipped.csv,
+volumes/<site>/...) whose test volumes are hard links into the draws' folders.
 A finished folder holds `cohort_settings.json`, written last; a folder without it, or with other settings, is rebuilt.
 
 Subjects are rendered under the per-frame noise scheme (`prepare_direct(..., frame_noise=True)`): each cine frame's
@@ -20,10 +21,11 @@ import multiprocessing
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +46,7 @@ SCHEMA = "med-duallora/benchmark-cohort/1"
 NOISE_SCHEME = "per-frame"
 """Stamped with the settings: folders rendered under the one-generator scheme (unstamped) are rebuilt."""
 TEST_FOLDER = "test_set"
+"""The first test draw's folder; draw k > 0 is in `test_set_draw<k>`."""
 ROOT_PREFIX = "seed_"
 MAX_PER_SITE = 400
 """data_prep.synthesize's limit on subjects per vendor (3-digit M&Ms-2 ids)."""
@@ -55,7 +58,9 @@ class BenchmarkCohortSpec:
     """What every root of one benchmark holds (see the module docstring and docs/synthetic-cohort.md §9).
 
     `concept_shift` takes ConceptShift objects or `SITE:CODES=healthy` strings (one or several); it is stored as a
-    tuple of ConceptShift. `min_test_healthy` raises a site's test set to at least that many healthy subjects.
+    tuple of ConceptShift. The fixed test set is `test_draws` independent draws, each of `test_per_site` subjects per
+    site with at least `min_test_healthy` healthy, draw k from seed `test_seed + k`: the synthesizer's ids cap one
+    draw at MAX_PER_SITE, and a later draw adds subjects without changing the earlier ones.
     """
 
     heterogeneity: float = 1.0
@@ -66,6 +71,7 @@ class BenchmarkCohortSpec:
     test_per_site: int = 300
     min_test_healthy: int = 90
     test_seed: int = 10_000
+    test_draws: int = 1
 
     def __post_init__(self) -> None:
         check_heterogeneity(self.heterogeneity)
@@ -77,6 +83,8 @@ class BenchmarkCohortSpec:
                 )
         if self.train_per_site + self.val_per_site > MAX_PER_SITE:
             raise ValueError(f"BenchmarkCohortSpec: train_per_site + val_per_site must be at most {MAX_PER_SITE}")
+        if self.test_draws < 1:
+            raise ValueError(f"BenchmarkCohortSpec.test_draws = {self.test_draws}: must be at least 1")
         if not 0 <= self.min_test_healthy < self.test_per_site:
             raise ValueError(
                 f"BenchmarkCohortSpec.min_test_healthy = {self.min_test_healthy}: must lie in "
@@ -88,10 +96,34 @@ class BenchmarkCohortSpec:
         """The concept shifts (parsed into a tuple by __post_init__)."""
         return tuple(self.concept_shift)
 
+    @property
+    def test_seeds(self) -> tuple[int, ...]:
+        """The generator seed of each test draw."""
+        return tuple(self.test_seed + draw for draw in range(self.test_draws))
+
+    @property
+    def test_subjects_per_site(self) -> int:
+        return self.test_per_site * self.test_draws
+
+    def draw(self, number: int) -> BenchmarkCohortSpec:
+        """The one-draw spec of test draw `number` (its test seed; the rest unchanged)."""
+        return replace(self, test_seed=self.test_seeds[number], test_draws=1)
+
     def settings(self) -> dict[str, object]:
-        """JSON form (concept shifts as `SITE:CODES=healthy` strings), as stamped into finished folders."""
+        """JSON form (concept shifts as `SITE:CODES=healthy` strings), as stamped into finished folders and records.
+
+        A one-draw spec omits `test_draws`: its stamp is the one written before draws existed, so folders and
+        records made then stay valid (settings_draws reads the omission as 1).
+        """
         values = {field.name: getattr(self, field.name) for field in fields(self)}
+        if self.test_draws == 1:
+            del values["test_draws"]
         return {**values, "concept_shift": [str(shift) for shift in self.shifts]}
+
+
+def settings_draws(settings: Mapping[str, Any]) -> int:
+    """The number of test draws of stamped BenchmarkCohortSpec settings (1 where the field is omitted)."""
+    return int(settings.get("test_draws", 1))
 
 
 @dataclass(frozen=True)
@@ -253,8 +285,14 @@ def _settings(spec: BenchmarkCohortSpec, geometry: Geometry) -> dict[str, object
     return {"schema": SCHEMA, "spec": spec.settings(), "geometry": geometry_fields(geometry), "noise": NOISE_SCHEME}
 
 
+def draw_folder(out: Path, draw: int) -> Path:
+    """The folder of test draw `draw` under a benchmark cohort's `out`."""
+    return Path(out) / (TEST_FOLDER if draw == 0 else f"{TEST_FOLDER}_draw{draw}")
+
+
 def _build_test_set(folder: Path, spec: BenchmarkCohortSpec, geometry: Geometry, workers: int, log: Log) -> None:
-    """Render the test set into `folder` (volumes and manifest.csv), unless a finished one with these settings is."""
+    """Render one test draw (a one-draw `spec`) into `folder` (volumes and manifest.csv), unless a finished one with
+    these settings is."""
     settings = _settings(spec, geometry)
     if _finished(folder, settings):
         return
@@ -275,7 +313,13 @@ def _build_test_set(folder: Path, spec: BenchmarkCohortSpec, geometry: Geometry,
 
 
 def _build_root(
-    root: Path, seed: int, spec: BenchmarkCohortSpec, geometry: Geometry, test_folder: Path, workers: int, log: Log
+    root: Path,
+    seed: int,
+    spec: BenchmarkCohortSpec,
+    geometry: Geometry,
+    test_folders: Sequence[Path],
+    workers: int,
+    log: Log,
 ) -> None:
     """One seed's prepared root, unless a finished one with these settings is there."""
     settings = {**_settings(spec, geometry), "seed": seed}
@@ -289,19 +333,19 @@ def _build_root(
         for split, members in train_val(plans, spec.train_per_site, seed, site).items()
         for plan in members
     ]
-    test_rows = read_manifest(test_folder / "manifest.csv")
-    _check_ids(seed, [s.subject_id for s in subjects], [str(row["subject_id"]) for row in test_rows])
+    test_rows = [(folder, row) for folder in test_folders for row in read_manifest(folder / "manifest.csv")]
+    _check_ids(seed, [s.subject_id for s in subjects], [str(row["subject_id"]) for _, row in test_rows])
     log(f"benchmark cohort: seed {seed}: rendering {len(subjects)} train/val volumes into {root}")
     rows = _render_all(subjects, root, geometry, spec.heterogeneity, workers)
-    for row in test_rows:
+    for folder, row in test_rows:
         (root / row["image"]).parent.mkdir(parents=True, exist_ok=True)
-        os.link(test_folder / row["image"], root / row["image"])
+        os.link(folder / row["image"], root / row["image"])
         rows.append(dict(row))
     rows.sort(key=lambda r: (str(r["client"]), str(r["subject_id"])))
     write_csv_atomic(root / "manifest.csv", MANIFEST_COLUMNS, rows)
     write_skipped(root / "skipped.csv", [])
-    total = per_site + spec.test_per_site
-    fractions = (spec.val_per_site / total, spec.test_per_site / total)
+    total = per_site + spec.test_subjects_per_site
+    fractions = (spec.val_per_site / total, spec.test_subjects_per_site / total)
     write_prepared(root, rows, geometry, LabelRule(), seed, fractions)
     write_json_atomic(root / STAMP_FILE, settings)
 
@@ -325,25 +369,26 @@ def build_benchmark_roots(
     workers: int = 2,
     log: Log = print,
 ) -> dict[int, Path]:
-    """One prepared root per seed under `out` (`seed_<S>/`), sharing the test set of `spec.test_seed`.
+    """One prepared root per seed under `out` (`seed_<S>/`), sharing the test set of `spec.test_seeds`.
 
     Every root holds, for every site, `train_per_site` train and `val_per_site` val subjects drawn from its seed, the
-    same test subjects (ids and volumes, hard links into `out/test_set`) and their Siemens renderings (split
+    same test subjects (ids and volumes, hard links into the test draws' folders, draw_folder) and their Siemens
+    renderings (split
     test_siemens). `geometry_args` are data_prep.prepare geometry options (e.g. models.standin.prepare_args()).
     Finished folders are reused; the output does not depend on `workers`.
     """
     geometry = geometry_from_args(geometry_args)
     seeds = list(seeds)
-    if len(set(seeds)) < len(seeds) or spec.test_seed in seeds:
+    if len(set(seeds)) < len(seeds) or set(spec.test_seeds) & set(seeds):
         raise ValueError(
-            f"seeds {seeds}: must be distinct and differ from test_seed {spec.test_seed} (a seed equal to the test "
-            "seed would draw the test hearts again for training)"
+            f"seeds {seeds}: must be distinct and differ from the test draws' seeds {list(spec.test_seeds)} (the "
+            "test_seed and the next test_draws - 1; a seed equal to one would draw its test hearts again for training)"
         )
-    out = Path(out)
-    test_folder = out / TEST_FOLDER
-    _build_test_set(test_folder, spec, geometry, workers, log)
+    folders = [draw_folder(out, draw) for draw in range(spec.test_draws)]
+    for draw, folder in enumerate(folders):
+        _build_test_set(folder, spec.draw(draw), geometry, workers, log)
     roots = {}
     for seed in seeds:
-        roots[seed] = out / f"{ROOT_PREFIX}{seed}"
-        _build_root(roots[seed], seed, spec, geometry, test_folder, workers, log)
+        roots[seed] = Path(out) / f"{ROOT_PREFIX}{seed}"
+        _build_root(roots[seed], seed, spec, geometry, folders, workers, log)
     return roots

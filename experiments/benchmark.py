@@ -32,6 +32,7 @@ from data_prep.benchmark_cohort import NOISE_SCHEME, BenchmarkCohortSpec
 from data_prep.benchmark_cohort import SCHEMA as COHORT_SCHEMA
 from experiments.cohorts import cohort_data
 from experiments.design import HEADLINE, PARTS, Condition, Unit, conditions_of, units_of
+from experiments.extend import DrawScorer, NotExtendable, draws_missing, extend_record
 from experiments.preregistration import (
     Hyperparameters,
     hyperparameters_of,
@@ -65,6 +66,10 @@ class Sizes:
     val_per_site: int = 40
     test_per_site: int = 300
     min_test_healthy: int = 90
+    test_draws: int = 2
+    """Two draws of 300: 600 test subjects a site, 180 of them healthy at least. One draw left the per-site AUROC
+    interval wider than 0.05 at the site with the lowest AUROC (ge, about 0.75) whatever the seed count: the
+    subjects alone give a half-width of about 0.055 there (Hanley-McNeil: 210 diseased, 90 healthy)."""
 
     def spec(self, condition: Condition) -> BenchmarkCohortSpec:
         return BenchmarkCohortSpec(
@@ -122,21 +127,36 @@ def run_units(
     workers: int,
 ) -> list[tuple[Unit, str]]:
     """Run every unit that lacks records (only its missing seeds) and write one record per seed; returns the units
-    that failed (with their error). An interrupted unit leaves no record and runs again next time."""
+    that failed (with their error). An interrupted unit leaves no record and runs again next time.
+
+    A record made before the cohort gained test draws is extended with the run's exported models
+    (experiments.extend) where they are still in `work_dir`, and its seed is run again where they are not.
+    """
     failed = []
     data: dict[Condition, str] = {}
+    scorer: DrawScorer | None = None
     for index, unit in enumerate(units, start=1):
         prefix = f"[{index}/{len(units)}] {unit.name}"
+        spec = sizes.spec(unit.condition)
+        cohort_dir = work_dir / "cohorts" / unit.condition.name
+        unit_dir = work_dir / "runs" / unit.condition.name / unit.method
         todo = pending_seeds(results_dir, unit, seeds)
-        if not todo:
+        recorded = [seed for seed in seeds if seed not in todo]
+        short = [seed for seed in recorded if draws_missing(_record_of(results_dir, unit, seed), spec)]
+        if not todo and not short:
             log(f"{prefix}: finished earlier, skipped")
             continue
         if unit.condition not in data:
-            out = work_dir / "cohorts" / unit.condition.name
-            data[unit.condition] = cohort_data(out, sizes.spec(unit.condition), seeds, workers, log)
+            data[unit.condition] = cohort_data(cohort_dir, spec, seeds, workers, log)
+        if short:
+            if scorer is None or scorer.cohort_dir != cohort_dir:
+                scorer = DrawScorer(cohort_dir)  # one condition's volumes and prefix features at a time
+            todo += _extend(results_dir, unit, short, spec, scorer, unit_dir, prefix)
+        if not todo:
+            continue
         settings = settings_for(base, data[unit.condition], hyperparameters)
-        unit_dir = work_dir / "runs" / unit.condition.name / unit.method
         shutil.rmtree(unit_dir, ignore_errors=True)
+        todo.sort()
         log(f"{prefix}: running seeds {' '.join(map(str, todo))}")
         started = time.monotonic()
         try:
@@ -153,12 +173,39 @@ def run_units(
                 "method": unit.method,
                 "seed": seed,
                 "hyperparameters": asdict(hyperparameters),
-                "cohort": sizes.spec(unit.condition).settings(),
+                "cohort": spec.settings(),
                 **body,
             }
             write_record(record_path(results_dir, unit.condition.name, unit.method, seed), record)
         log(f"{prefix}: done in {time.monotonic() - started:.0f} s")
     return failed
+
+
+def _extend(
+    results_dir: Path,
+    unit: Unit,
+    seeds: Sequence[int],
+    spec: BenchmarkCohortSpec,
+    scorer: DrawScorer,
+    unit_dir: Path,
+    prefix: str,
+) -> list[int]:
+    """Extend the unit's records of `seeds` to the spec's test draws; returns the seeds that must run again."""
+    again = []
+    for seed in seeds:
+        try:
+            record = extend_record(_record_of(results_dir, unit, seed), spec, scorer, unit_dir, log)
+        except NotExtendable as reason:
+            log(f"{prefix}: seed {seed} runs again: its record lacks test draws and cannot be extended ({reason})")
+            again.append(seed)
+            continue
+        write_record(record_path(results_dir, unit.condition.name, unit.method, seed), record)
+        log(f"{prefix}: seed {seed}: record extended to {spec.test_draws} test draws")
+    return again
+
+
+def _record_of(results_dir: Path, unit: Unit, seed: int) -> dict[str, Any]:
+    return read_record(record_path(results_dir, unit.condition.name, unit.method, seed))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

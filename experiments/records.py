@@ -17,7 +17,10 @@ A record (JSON):
 - `rounds`: per round and site, the validation `auroc` and `bal_acc` of the site's model before local training;
 - `cost`: `params` (total, trainable, shared), `bytes_sent_per_client_round` (None: centralized), `job_wall_s`
   (the simulator job's, shared by its `seeds_in_job` replicas) and `seeds_in_job`;
-- `not_evaluable`: model kinds the method has no usable model of, with the reason.
+- `not_evaluable`: model kinds the method has no usable model of, with the reason;
+- `test_draws_from_exported_models` (only in a record extended by experiments.extend): the test draws its run's
+  exported models scored after the run, and the largest difference from the record's own scores found when checking
+  them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ RECORD_SCHEMA = "med-duallora/benchmark-record/1"
 RECORDS_DIR = "records"
 RECORD_FIELDS = ("schema", "condition", "method", "seed", "hyperparameters", "sites", "rounds", "cost")
 SITE_FIELDS = ("test_ids", "test_labels", "models")
+EXTENSION_FIELD = "test_draws_from_exported_models"
 SCORE_DIGITS = 5
 """P(diseased) is kept to 5 decimals: far below any difference the benchmark can resolve, and small files."""
 

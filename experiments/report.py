@@ -33,7 +33,7 @@ from experiments.analysis import (
 )
 from experiments.design import PARTS, SWEEP_HETEROGENEITY
 from experiments.preregistration import read_preregistration
-from experiments.records import read_records
+from experiments.records import EXTENSION_FIELD, read_records
 from experiments.runs import METHODS
 from experiments.sanity import SANITY_FILE
 from experiments.significance import PairedTest
@@ -69,11 +69,18 @@ def coverage_section(benchmark: Benchmark) -> list[str]:
     for record in benchmark.records:
         seeds.setdefault((record["condition"]["name"], record["method"]), set()).add(int(record["seed"]))
     all_seeds = set().union(*seeds.values())
-    sizes = sorted({json.dumps(record.get("cohort", {}).get("test_per_site")) for record in benchmark.records})
+    sizes = sorted({len(entry["test_ids"]) for record in benchmark.records for entry in record["sites"].values()})
+    extended = sum(EXTENSION_FIELD in record for record in benchmark.records)
     lines = [
         "## Coverage",
         "",
-        f"{len(benchmark.records)} records; seeds {_list(sorted(all_seeds))}; test subjects per site {_list(sizes)}.",
+        f"{len(benchmark.records)} records; seeds {_list(sorted(all_seeds))}; test subjects per site {_list(sizes)}"
+        + (
+            f"; {extended} records had their later test draws scored by their run's exported models "
+            "(experiments.extend)."
+            if extended
+            else "."
+        ),
         "",
     ]
     for part, units in PARTS.items():

@@ -28,6 +28,8 @@ SIMULATOR_LOG = "simulator.log"
 ATTEMPTS = 2
 """Tries of one federated run: a stalled or failed simulator run is started once more in a fresh workspace."""
 GLOBAL_KIND_OF_CLIENT = {"personalised": "personalised", "global_only": "global"}
+CENTRAL_MODEL = "model"
+"""The centralized baseline's exported model (models.export format), in its run folder."""
 SCORED_SPLITS = ("test", REFERENCE_TEST_SPLIT, "val")
 """What a record keeps of every scored model: its test scores, those of the Siemens-profile renderings of the same
 test hearts, and its validation scores (the pre-registration's criterion; the threshold's source)."""
@@ -116,8 +118,13 @@ class RunSettings:
 def run_unit(method: MethodSpec, settings: RunSettings, seeds: Sequence[int], unit_dir: Path) -> dict[int, dict]:
     """Every seed of one method: the body of each seed's benchmark record (experiments.records), by seed."""
     if method.policy is None:
-        return {seed: run_centralized(settings, seed, unit_dir / f"seed{seed}") for seed in seeds}
+        return {seed: run_centralized(settings, seed, centralized_run_dir(unit_dir, seed)) for seed in seeds}
     return run_federated(method, settings, seeds, unit_dir)
+
+
+def centralized_run_dir(unit_dir: Path, seed: int) -> Path:
+    """Where the centralized baseline of `seed` runs; its exported model is in `CENTRAL_MODEL` there."""
+    return unit_dir / f"seed{seed}"
 
 
 def run_centralized(settings: RunSettings, seed: int, run_dir: Path) -> dict[str, Any]:
@@ -151,6 +158,7 @@ def run_centralized(settings: RunSettings, seed: int, run_dir: Path) -> dict[str
         f"--data.batch_size={settings.batch_size}",
         f"--data.seed={seed}",
         f"--metrics_out={metrics_path}",
+        f"--model_out={run_dir / CENTRAL_MODEL}",
     ]
     settings.log(f"    centralized seed {seed}: {epochs} epochs on the pooled training data")
     started = time.monotonic()

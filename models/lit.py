@@ -256,7 +256,8 @@ class DualLoRAClassifier(pl.LightningModule):
             raise ValueError(f"pathology {unknown} not in classes {self.class_names} (subjects {batch['subject_id']})")
         return torch.tensor([index[p] for p in batch["pathology"]], device=self.device)
 
-    def _p_diseased(self, logits: torch.Tensor) -> torch.Tensor:
+    def p_diseased(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(diseased) per row of `logits`: class 1 of a binary head, else 1 - P(healthy)."""
         probs = logits.float().softmax(dim=1)
         if self.class_names is None:
             return probs[:, 1]
@@ -307,7 +308,7 @@ class DualLoRAClassifier(pl.LightningModule):
 
         No prefix cache: a study id is not a subject id, and unlabelled studies are scored once.
         """
-        p_diseased = self._p_diseased(self(batch["image"]))
+        p_diseased = self.p_diseased(self(batch["image"]))
         called = p_diseased > self.thresholds["model"]  # on the float32 tensor, as torchmetrics compares
         return [
             {"study_id": str(study), "p_diseased": float(p), "diseased": bool(c)}
@@ -365,7 +366,7 @@ class DualLoRAClassifier(pl.LightningModule):
                 batch.subject_ids,
                 batch.clients,
                 batch.targets.tolist(),
-                self._p_diseased(batch.logits).tolist(),
+                self.p_diseased(batch.logits).tolist(),
                 strict=True,
             )
         ]
@@ -384,7 +385,7 @@ class DualLoRAClassifier(pl.LightningModule):
         return {"pooled": pooled, "clients": per_client}
 
     def _metrics(self, logits: torch.Tensor, targets: torch.Tensor, threshold: float) -> dict[str, float]:
-        p_diseased = self._p_diseased(logits)
+        p_diseased = self.p_diseased(logits)
         if self.class_names is None:
             return detection_metrics(p_diseased, targets, threshold)
         healthy = self.class_names.index(HEALTHY_CLASS)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,9 @@ from data_prep.benchmark_cohort import (
     TEST_FOLDER,
     BenchmarkCohortSpec,
     build_benchmark_roots,
+    draw_folder,
     renders_as_reference,
+    settings_draws,
     site_plans,
     subject_id,
 )
@@ -41,6 +45,19 @@ SEEDS = (0, 1)
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, Path]]:
     out = tmp_path_factory.mktemp("benchmark")
     return out, build_benchmark_roots(out, SPEC, SEEDS, prepare_args(), workers=2, log=lambda _: None)
+
+
+@pytest.fixture
+def rendered(monkeypatch) -> list[int]:
+    """The number of volumes of each `_render_all` call the test makes (each test set draw, then each root)."""
+    counts: list[int] = []
+    original = benchmark_cohort._render_all
+    monkeypatch.setattr(
+        benchmark_cohort,
+        "_render_all",
+        lambda subjects, *args: counts.append(len(subjects)) or original(subjects, *args),
+    )
+    return counts
 
 
 def _rows(root: Path) -> list[dict[str, str]]:
@@ -119,18 +136,11 @@ def _assert_linked_twins_are_their_rendering(root: Path, spec: BenchmarkCohortSp
     assert linked == sites
 
 
-def test_linked_siemens_renderings_equal_rendering_them(built, tmp_path: Path, monkeypatch) -> None:
+def test_linked_siemens_renderings_equal_rendering_them(built, tmp_path: Path, rendered: list[int]) -> None:
     """Hard links replace renderings only where they are identical by construction: the Siemens site at any h, every
     site at h = 0 (where the test set renders one volume per heart)."""
     _, roots = built
     _assert_linked_twins_are_their_rendering(roots[0], SPEC, {"siemens"})
-    rendered: list[int] = []
-    original = benchmark_cohort._render_all
-    monkeypatch.setattr(
-        benchmark_cohort,
-        "_render_all",
-        lambda subjects, *args: rendered.append(len(subjects)) or original(subjects, *args),
-    )
     spec = _tiny(0.0)
     (root,) = build_benchmark_roots(tmp_path, spec, [3], prepare_args(), log=lambda _: None).values()
     assert rendered == [8, 12]  # the test set: 2 hearts x 4 sites, each rendered once
@@ -172,15 +182,8 @@ def test_concept_shift_relabels_the_site_everywhere(built) -> None:
     assert all(r["label"] == ("0" if r["client"] == "ge" else "1") for r in shifted)
 
 
-def test_finished_roots_are_reused_and_unfinished_ones_rebuilt(built, monkeypatch) -> None:
+def test_finished_roots_are_reused_and_unfinished_ones_rebuilt(built, rendered: list[int]) -> None:
     out, roots = built
-    rendered: list[int] = []
-    original = benchmark_cohort._render_all
-    monkeypatch.setattr(
-        benchmark_cohort,
-        "_render_all",
-        lambda subjects, *args: rendered.append(len(subjects)) or original(subjects, *args),
-    )
     before = {seed: os.stat(root / "manifest.csv").st_mtime_ns for seed, root in roots.items()}
     assert build_benchmark_roots(out, SPEC, SEEDS, prepare_args(), log=lambda _: None) == roots
     assert rendered == []
@@ -201,7 +204,7 @@ def _tiny(heterogeneity: float) -> BenchmarkCohortSpec:
     return BenchmarkCohortSpec(heterogeneity, train_per_site=2, val_per_site=1, test_per_site=2, min_test_healthy=1)
 
 
-def test_output_does_not_depend_on_workers_and_other_settings_rebuild(tmp_path: Path, monkeypatch) -> None:
+def test_output_does_not_depend_on_workers_and_other_settings_rebuild(tmp_path: Path, rendered: list[int]) -> None:
     one, two = (
         build_benchmark_roots(tmp_path / str(n), _tiny(0.5), [3], prepare_args(), workers=n, log=lambda _: None)
         for n in (1, 2)
@@ -209,13 +212,7 @@ def test_output_does_not_depend_on_workers_and_other_settings_rebuild(tmp_path: 
     digests = volume_digests(one[3])
     assert digests == volume_digests(two[3])
     assert [r["label"] for r in _rows(one[3])] == [r["label"] for r in _rows(two[3])]
-    rendered: list[int] = []
-    original = benchmark_cohort._render_all
-    monkeypatch.setattr(
-        benchmark_cohort,
-        "_render_all",
-        lambda subjects, *args: rendered.append(len(subjects)) or original(subjects, *args),
-    )
+    rendered.clear()
     build_benchmark_roots(tmp_path / "1", _tiny(1.5), [3], prepare_args(), log=lambda _: None)
     # The test set (2 hearts x 2 renderings x 4 sites, less the Siemens site's 2 linked twins), then the root.
     assert rendered == [14, 12]
@@ -256,6 +253,7 @@ SPEC_ERRORS = {
     "too many": ({"test_per_site": 401}, "test_per_site"),
     "all healthy": ({"test_per_site": 10, "min_test_healthy": 10}, "min_test_healthy"),
     "concept shift": ({"concept_shift": "ge:HCM=diseased"}, "=diseased"),
+    "no test draw": ({"test_draws": 0}, "test_draws"),
 }
 
 
@@ -265,11 +263,38 @@ def test_bad_specs_are_clear_errors(fields: dict, message: str) -> None:
         BenchmarkCohortSpec(**fields)
 
 
-@pytest.mark.parametrize("seeds", [[10_000], [1, 1]])
-def test_seeds_must_differ_from_each_other_and_the_test_seed(seeds: list[int], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="test_seed"):
-        build_benchmark_roots(tmp_path, SPEC, seeds, prepare_args())
+@pytest.mark.parametrize("seeds", [[10_000], [1, 1], [10_001]])
+def test_seeds_must_differ_from_each_other_and_the_test_draws_seeds(seeds: list[int], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="test draws' seeds"):
+        build_benchmark_roots(tmp_path, replace(SPEC, test_draws=2), seeds, prepare_args())
     assert not any(tmp_path.iterdir())
+
+
+def test_a_second_test_draw_adds_subjects_and_leaves_the_first_as_it_was(
+    built, tmp_path: Path, rendered: list[int]
+) -> None:
+    """A later draw is rendered alone from the next test seed; the first draw's folder is the one-draw cohort's, whose
+    stamp (and records) predate draws: settings omit test_draws = 1."""
+    out, roots = built
+    assert "test_draws" not in SPEC.settings() and settings_draws(SPEC.settings()) == 1
+    first = volume_digests(out / TEST_FOLDER)
+    for name in (TEST_FOLDER, *(root.name for root in roots.values())):
+        shutil.copytree(out / name, tmp_path / name, copy_function=os.link)
+    spec = replace(SPEC, test_draws=2)
+    assert settings_draws(spec.settings()) == 2 and spec.test_seeds == (SPEC.test_seed, SPEC.test_seed + 1)
+    two = build_benchmark_roots(tmp_path, spec, SEEDS, prepare_args(), log=lambda _: None)
+    # the new draw (6 hearts x 2 renderings x 4 sites, less the Siemens site's 6 linked twins), then both roots
+    assert rendered == [42, 20, 20]
+    assert volume_digests(draw_folder(tmp_path, 0)) == first
+    draw = spec.draw(1)
+    assert draw.test_seed == SPEC.test_seed + 1 and draw.test_draws == 1
+    expected = set(_test_plans(draw))
+    assert {r["subject_id"] for r in _rows(draw_folder(tmp_path, 1)) if r["split"] == "test"} == expected
+    for root in two.values():
+        rows = _rows(root)
+        tests = {r["subject_id"] for r in rows if r["split"] == "test"}
+        assert tests == set(_test_plans(SPEC)) | expected
+        assert read_prepared(root)["counts"]["ge"]["test"] == spec.test_subjects_per_site == 12
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from data_prep.benchmark_cohort import settings_draws
 from experiments import benchmark
 from experiments.benchmark import ConfigurationMismatch, Sizes, check_configuration, pending_seeds, run_units
 from experiments.design import HEADLINE, NEGATIVE_CONTROL, PARTS, SWEEP_METHODS, Unit, units_of
+from experiments.extend import NotExtendable
 from experiments.preregistration import Hyperparameters
 from experiments.records import RecordError, read_record, record_path
 from experiments.runs import METHODS, RunSettings
@@ -69,9 +72,9 @@ def fakes(monkeypatch):
     return install
 
 
-def run(tmp_path: Path, units: list[Unit], seeds=(0, 1)) -> list:
+def run(tmp_path: Path, units: list[Unit], seeds=(0, 1), sizes: Sizes = SIZES) -> list:
     base = RunSettings(data="", log=lambda line: None)
-    return run_units(units, tmp_path / "results", tmp_path / "work", base, HYPERPARAMETERS, SIZES, seeds, 1)
+    return run_units(units, tmp_path / "results", tmp_path / "work", base, HYPERPARAMETERS, sizes, seeds, 1)
 
 
 UNITS = [Unit(HEADLINE, "med_duallora"), Unit(HEADLINE, "fedit"), Unit(NEGATIVE_CONTROL, "local_only")]
@@ -123,6 +126,31 @@ def test_a_record_in_the_wrong_place_or_corrupt_is_refused(tmp_path, fakes):
     path.write_bytes(gzip.compress(json.dumps(record).encode()))
     with pytest.raises(RecordError, match=r"sites.ge lacks \['test_labels'\]"):
         pending_seeds(tmp_path / "results", UNITS[0], (0,))
+
+
+def test_records_lacking_a_test_draw_are_extended_where_the_models_are_left_and_run_again_elsewhere(
+    tmp_path, fakes, monkeypatch
+):
+    fakes(FakeUnits())
+    run(tmp_path, UNITS[:2], sizes=replace(SIZES, test_draws=1))
+    extended = []
+
+    def extend_fedit_only(record, spec, scorer, unit_dir, log):
+        if record["method"] != "fedit":
+            raise NotExtendable(f"{unit_dir}: no exported model")  # as when the workspace is gone (a fresh clone)
+        extended.append((record["method"], record["seed"], scorer.cohort_dir.name))
+        return {**record, "cohort": spec.settings()}
+
+    monkeypatch.setattr(benchmark, "extend_record", extend_fedit_only)
+    again = fakes(FakeUnits())
+    assert run(tmp_path, UNITS[:2]) == []
+    assert again.calls == [("med_duallora", (0, 1))]
+    assert extended == [("fedit", 0, HEADLINE.name), ("fedit", 1, HEADLINE.name)]
+    for method in ("med_duallora", "fedit"):
+        record = read_record(record_path(tmp_path / "results", HEADLINE.name, method, 1))
+        assert settings_draws(record["cohort"]) == SIZES.test_draws == 2
+    last = fakes(FakeUnits())
+    assert run(tmp_path, UNITS[:2]) == [] and last.calls == []
 
 
 def test_results_of_another_configuration_are_refused(tmp_path):

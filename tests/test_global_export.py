@@ -53,6 +53,24 @@ def test_the_exported_global_model_is_the_final_global_state(tmp_path, method, a
     assert all(torch.equal(exported[key], state[key]) for key in state)
 
 
+@pytest.mark.parametrize("method", ["ffa_lora", "med_duallora"])
+def test_a_replica_exports_the_adapters_its_own_seed_drew(tmp_path, method):
+    """A replica of seed s (custom.controller) trained adapters drawn from s; what the sites never send (FFA-LoRA's
+    frozen A) exists on the server only as that draw, so the export must make it from s, not from the job's seed."""
+    seed = 7
+    site, state = _trained_global_state(method)
+    replica = SiteConfig.for_method(method, seed=seed)
+    site_model = replica.build_module()
+    written = export_global_model(str(tmp_path), site.model_spec(), state, POOLED, FIGURES, 4, replica_seed=seed)
+    module = load_model(written)
+    assert module.export_metadata["replica_seed"] == seed
+    exported, drawn = module.model.state_dict(), site_model.model.state_dict()
+    sent = {key.removeprefix("model.") for key in state}
+    frozen_a = [key for key in exported if "lora_A.global" in key and key not in sent]
+    assert bool(frozen_a) == (method == "ffa_lora")
+    assert all(torch.equal(exported[key], drawn[key]) for key in frozen_a)
+
+
 def test_without_a_pooled_threshold_the_default_is_recorded_as_such(tmp_path):
     site, state = _trained_global_state("med_duallora")
     metadata = load_model(export_global_model(str(tmp_path), site.model_spec(), state, None, {}, 0)).export_metadata
