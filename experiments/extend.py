@@ -77,6 +77,9 @@ def scored_models(unit_dir: Path, record: Mapping[str, Any], site: str) -> dict[
 class DrawScorer:
     """Scores test draws of one benchmark cohort with exported models, reading each site's volumes once and running
     each frozen prefix (backbone weights and first trained block) once per volume for all the models that share it.
+
+    Not models.prefix_cache.PrefixCache: that cache keys on one module's tensors and empties itself for every newly
+    loaded model, while here many separately loaded models share one prefix (keyed by the weights' sha256).
     """
 
     def __init__(self, cohort_dir: Path) -> None:
