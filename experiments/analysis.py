@@ -17,7 +17,7 @@ from numpy.typing import ArrayLike
 from data_prep.splits import REFERENCE_TEST_SPLIT
 from experiments import stats
 from experiments.design import SHIFTED_SITE
-from experiments.runs import METHODS
+from experiments.runs import METHODS, VARIANTS
 from experiments.significance import PairedTest, paired_wilcoxon
 from models.protocol import SITES
 
@@ -36,6 +36,8 @@ NEGATIVE_MAX_MEAN = 0.01
 POSITIVE_MIN_DELTA = 0.05
 POSITIVE_MAX_OTHER = 0.02
 HALF_WIDTH_TARGET = 0.05
+VARIANT_METRICS = ("auroc", "bal_acc")
+"""What the transport and privacy table shows of each variant (besides ΔAUROC, bytes and time)."""
 MIN_SPECIFICITY = 0.8
 RELIABILITY_METHODS = ("med_duallora", "fedit", "local_only", "centralized")
 PLOT_FILES = {
@@ -44,6 +46,7 @@ PLOT_FILES = {
     "bytes": "auroc_vs_bytes.png",
     "rounds": "val_auroc_per_round.png",
     "reliability": "reliability.png",
+    "privacy": "privacy_auroc_vs_bytes.png",
 }
 
 
@@ -202,8 +205,14 @@ class Benchmark:
         return [name for name, condition in self.conditions.items() if condition["role"] in roles]
 
     def methods(self, condition: str) -> list[str]:
-        present = {method for name, method, _, _ in self.models if name == condition}
+        """The methods compared at `condition`: METHODS first, then any other but the variants (VARIANTS)."""
+        present = {method for name, method, _, _ in self.models if name == condition} - set(VARIANTS)
         return [method for method in METHODS if method in present] + sorted(present - set(METHODS))
+
+    def variants(self, condition: str) -> list[str]:
+        """The transport and privacy variants (VARIANTS) with records at `condition`."""
+        present = {method for name, method, _, _ in self.models if name == condition}
+        return [method for method in VARIANTS if method in present]
 
     def sites(self, condition: str) -> list[str]:
         present = {site for name, site in self.subjects if name == condition}
@@ -582,6 +591,22 @@ class HeadlineRow:
 
 
 @dataclass(frozen=True)
+class VariantRow:
+    """A method or one of its transport and privacy variants at the headline, on the seeds the method and all its
+    variants share: its primary model's AUROC and balanced accuracy (means over sites), ΔAUROC against the method
+    (None for the method itself), uplink bytes per client per round and job wall time per round."""
+
+    method: str
+    base: str
+    kind: str
+    seeds: list[int]
+    metrics: dict[str, stats.Effect]
+    delta_auroc: stats.Effect | None
+    bytes_per_round: float | None
+    wall_s_per_round: float | None
+
+
+@dataclass(frozen=True)
 class SiteEffect:
     comparison: Comparison
     site: str
@@ -600,6 +625,7 @@ class Analysis:
     wilcoxon: dict[str, PairedTest]
     gaps: dict[str, dict[str, stats.Effect | None]]
     sweep: dict[str, dict[float, stats.Effect]]
+    variants: list[VariantRow] = field(default_factory=list)
 
 
 def analyse(benchmark: Benchmark, n_boot: int = stats.N_BOOT) -> Analysis:
@@ -621,6 +647,7 @@ def analyse(benchmark: Benchmark, n_boot: int = stats.N_BOOT) -> Analysis:
         wilcoxon={comparison.label: wilcoxon(benchmark, headline, comparison) for comparison in comparisons},
         gaps=gap_closures(benchmark, headline, n_boot) if headline else {},
         sweep=sweep_effects(benchmark, n_boot),
+        variants=variant_rows(benchmark, headline, n_boot) if headline else [],
     )
 
 
@@ -635,13 +662,58 @@ def headline_rows(benchmark: Benchmark, condition: str, n_boot: int) -> list[Hea
         metrics = {name: summary.mean for name, summary in summaries.items()} | {
             "worst_auroc": summaries["auroc"].worst
         }
-        costs = [record["cost"] for record in benchmark.runs(condition, method)]
-        sent = [cost["bytes_sent_per_client_round"] for cost in costs]
-        sent = [value for value in sent if value is not None]
+        runs = benchmark.runs(condition, method)
+        costs = [record["cost"] for record in runs]
         shared = next((cost["params"]["shared"] for cost in costs if cost["params"].get("shared") is not None), None)
-        bytes_per_round = float(np.mean(sent)) if sent else None
+        bytes_per_round, _ = _round_costs(runs)
         rows.append(HeadlineRow(method, side[1], metrics, summaries["auroc"].sites, bytes_per_round, shared))
     return rows
+
+
+def variant_rows(benchmark: Benchmark, condition: str, n_boot: int) -> list[VariantRow]:
+    """Each base method with variants at `condition`, then its variants, all on their common seeds; ΔAUROC is the
+    hierarchical-bootstrap paired difference variant - base, mean over sites (`over_sites`)."""
+    rows = []
+    variants = benchmark.variants(condition)
+    for base in dict.fromkeys(VARIANTS[name].base for name in variants):
+        methods = [base] + [name for name in variants if VARIANTS[name].base == base]
+        sides = [(method, benchmark.primary_kind(condition, method)) for method in methods]
+        if any(kind is None for _, kind in sides):
+            continue
+        scores = {source: across_sites(benchmark, condition, sides, source) for source in ("test", "decisions")}
+        if not scores["test"]:
+            continue
+        seeds = common_seeds([benchmark.scored(condition, side, site) for side in sides for site in scores["test"]])
+        for index, (method, kind) in enumerate(sides):
+            metrics = {
+                metric.name: over_sites(
+                    {site: (labels, [matrices[index]]) for site, (labels, matrices) in scores[metric.source].items()},
+                    metric.function,
+                    n_boot,
+                ).mean
+                for metric in SUMMARY_METRICS
+                if metric.name in VARIANT_METRICS
+            }
+            delta = None
+            if index:
+                paired = {site: (labels, [m[index], m[0]]) for site, (labels, m) in scores["test"].items()}
+                delta = over_sites(paired, stats.auroc, n_boot).mean
+            runs = [run for run in benchmark.runs(condition, method) if int(run["seed"]) in seeds]
+            rows.append(VariantRow(method, base, kind, seeds, metrics, delta, *_round_costs(runs)))
+    return rows
+
+
+def _round_costs(runs: Sequence[Record]) -> tuple[float | None, float | None]:
+    """Mean uplink bytes per client per round, and mean job wall time per round (the job's start-up and final
+    evaluation included, shared among its replicas), of `runs`."""
+    sent = [run["cost"]["bytes_sent_per_client_round"] for run in runs]
+    sent = [value for value in sent if value is not None]
+    per_round = [
+        run["cost"]["job_wall_s"] / (run["cost"]["seeds_in_job"] * run["hyperparameters"]["rounds"])
+        for run in runs
+        if run["cost"].get("job_wall_s") and run["cost"].get("seeds_in_job")
+    ]
+    return (float(np.mean(sent)) if sent else None, float(np.mean(per_round)) if per_round else None)
 
 
 def primary_comparisons(benchmark: Benchmark, condition: str) -> list[Comparison]:

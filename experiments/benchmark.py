@@ -7,11 +7,13 @@
 Parts (experiments.design): `preregister` fixes the hyperparameters on an h = 0 validation cohort
 (experiments.preregistration) before any test set is scored; `headline` runs every method at h = 1; `sweep` five
 methods at h = 0, 0.5 and 1.5 (h = 1 is the headline's); `controls` the negative (zero-shift) and positive
-(concept-shift) controls; `report` writes results.csv, summary.md and the plots from the records. Every run leaves a
-small record in `<results>/records/` (experiments.records); a unit (a method on a condition) whose records all exist
-is never run again, so a later session resumes from committed records on a fresh machine. Cohorts and workspaces go
-to `--work` (not committed). A federated method runs all its seeds in one simulator job (replicas), so NVFlare's
-start-up is paid once per method and condition.
+(concept-shift) controls; `privacy` the transport and privacy variants of a method at h = 1
+(experiments.runs.VARIANTS), each compared with its base method's headline runs; `report` writes results.csv,
+summary.md and the plots from the records. Every run leaves a small record in `<results>/records/`
+(experiments.records); a unit (a method on a condition) whose records all exist is never run again, so a later
+session resumes from committed records on a fresh machine. Cohorts and workspaces go to `--work` (not committed). A
+federated method runs all its seeds in one simulator job (replicas), so NVFlare's start-up is paid once per method
+and condition.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from experiments.preregistration import (
     settings_for,
 )
 from experiments.records import RECORD_SCHEMA, read_record, record_path, write_record
-from experiments.runs import METHODS, RunSettings, run_unit
+from experiments.runs import ALL_METHODS, RunSettings, run_unit
 from experiments.sanity import SANITY_FILE, write_sanity
 from models.atomic_io import write_json_atomic
 from models.protocol import SEED_PLACEHOLDER
@@ -160,7 +162,7 @@ def run_units(
         log(f"{prefix}: running seeds {' '.join(map(str, todo))}")
         started = time.monotonic()
         try:
-            bodies = run_unit(METHODS[unit.method], settings, todo, unit_dir)
+            bodies = run_unit(ALL_METHODS[unit.method], settings, todo, unit_dir)
         except Exception as error:  # one failed unit must not stop the others; it is reported and redone
             message = f"{type(error).__name__}: {error}"
             log(f"{prefix}: FAILED ({message}); continuing")

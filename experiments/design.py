@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from experiments.runs import METHODS
+from experiments.runs import METHODS, VARIANTS
 
 CONCEPT_SHIFT = "ge:HCM,HHD=healthy"
 """The positive control's label rule: at `ge`, hypertrophic hearts (HCM, HHD) are labelled healthy."""
@@ -68,15 +68,18 @@ PARTS: dict[str, tuple[Unit, ...]] = {
     "controls": tuple(
         Unit(condition, method) for condition in (NEGATIVE_CONTROL, POSITIVE_CONTROL) for method in CONTROL_METHODS
     ),
+    "privacy": tuple(Unit(HEADLINE, method) for method in VARIANTS),
 }
 """Each part's units, sized to run in under 45 minutes on 2 cores. The sweep's h = 1 point is the headline's (same
-cohort, same runs): it is not run twice."""
+cohort, same runs): it is not run twice. The privacy part's variants are compared with their base methods' headline
+runs."""
 
 QUICK_METHODS = {
     "headline": ("med_duallora", "fedit", "local_only", "centralized"),
     "sweep-low": ("med_duallora", "fedit"),
     "sweep-high": (),
     "controls": ("med_duallora", "fedit"),
+    "privacy": ("med_duallora_int8",),
 }
 QUICK_HETEROGENEITY = 0.0
 """`--quick` runs every part on fewer methods (and the sweep at h = 0 only): a smoke test of the whole pipeline."""

@@ -34,7 +34,7 @@ from experiments.analysis import (
 from experiments.design import PARTS, SWEEP_HETEROGENEITY
 from experiments.preregistration import read_preregistration
 from experiments.records import EXTENSION_FIELD, read_records
-from experiments.runs import METHODS
+from experiments.runs import ALL_METHODS, METHODS
 from experiments.sanity import SANITY_FILE
 from experiments.significance import PairedTest
 from models.atomic_io import write_text_atomic
@@ -46,7 +46,7 @@ def summary_markdown(
     benchmark: Benchmark, analysis: Analysis, preregistration: Record | None, sanity: Record | None
 ) -> str:
     """summary.md: validity first, then coverage, pre-registration, headline, per-site AUROC, primary effects, gap
-    closure, sweep, sanity checks, the mechanical verdicts, the methods and the plots."""
+    closure, sweep, sanity checks, the mechanical verdicts, transport and privacy, the methods and the plots."""
     lines = ["# Benchmark report", "", validity_banner(analysis.verdicts), ""]
     lines += validity_section({name.capitalize(): verdict for name, verdict in analysis.verdicts.items()})
     lines += coverage_section(benchmark)
@@ -58,6 +58,7 @@ def summary_markdown(
     lines += sweep_section(analysis)
     lines += sanity_section(benchmark, sanity)
     lines += verdicts_section(analysis)
+    lines += privacy_section(analysis)
     lines += methods_section(benchmark)
     lines += ["## Plots", ""] + [f"- `{name}`" for name in PLOT_FILES.values()] + [""]
     return "\n".join(lines)
@@ -357,13 +358,42 @@ def verdicts_section(analysis: Analysis) -> list[str]:
     return lines + [""]
 
 
+def privacy_section(analysis: Analysis) -> list[str]:
+    lines = ["## 10. Transport and privacy (h = 1)", ""]
+    if not analysis.variants:
+        return lines + ["Not run yet: no record of a variant (`--part privacy`).", ""]
+    header = ["method", "seeds", "AUROC (mean over sites)", "balanced accuracy", "ΔAUROC vs its base"]
+    header += ["uplink bytes / client / round", "job wall s / round"]
+    body = [
+        [
+            row.method,
+            _list(row.seeds),
+            effect_text(row.metrics["auroc"]),
+            effect_text(row.metrics["bal_acc"]),
+            f"base ({row.base})" if row.delta_auroc is None else effect_text(row.delta_auroc, signed=True),
+            _bytes_text(row.bytes_per_round),
+            "n/a" if row.wall_s_per_round is None else f"{row.wall_s_per_round:.1f}",
+        ]
+        for row in analysis.variants
+    ]
+    note = (
+        "Every row of a base method and its variants is on the seeds they all share. ΔAUROC: variant - base, mean "
+        "over sites of the paired per-site difference, hierarchical-bootstrap 95 % interval (as the headline's). "
+        "Uplink bytes: the serialized payload a site sent per round, as the server's meter counted it (packed, "
+        "for a codec). Job wall s / round: the simulator job's wall time over its rounds and replicas, start-up and "
+        "final evaluation included, on a shared 2-core machine (a rough figure; bench/compression.py times the "
+        "codec itself)."
+    )
+    return lines + _table(header, body) + ["", note, ""]
+
+
 def methods_section(benchmark: Benchmark) -> list[str]:
     present = {record["method"] for record in benchmark.records}
     return (
         ["## Methods", ""]
         + [
             f"- `{name}`: {spec.description}" + ("" if name in present else " (no records yet)")
-            for name, spec in METHODS.items()
+            for name, spec in ALL_METHODS.items()
         ]
         + [""]
     )
@@ -458,7 +488,7 @@ def reliability_diagrams(benchmark: Benchmark, condition: str) -> dict[str, dict
 
 
 def write_plots(benchmark: Benchmark, analysis: Analysis, out_dir: Path) -> list[Path]:
-    """The five PNGs; a plot without data says so on its canvas."""
+    """The six PNGs; a plot without data says so on its canvas."""
     headline = analysis.headline
     panels = {"Primary effects (h = 1)": [(f"{e.comparison.label} @ {e.site}", e.effect) for e in analysis.effects]}
     for role, effects in analysis.controls.items():
@@ -466,12 +496,20 @@ def write_plots(benchmark: Benchmark, analysis: Analysis, out_dir: Path) -> list
             (f"{label} @ {site}", effect) for label, per_site in effects.items() for site, effect in per_site.items()
         ]
     points = [plots.CostPoint(row.method, row.bytes_per_round, row.metrics["auroc"]) for row in analysis.headline_rows]
+    variant_points = [
+        plots.CostPoint(row.method, row.bytes_per_round, row.metrics["auroc"]) for row in analysis.variants
+    ]
     return [
         plots.delta_against_h(
             out_dir / PLOT_FILES["sweep"], {label: sorted(per_h.items()) for label, per_h in analysis.sweep.items()}
         ),
         plots.forest(out_dir / PLOT_FILES["forest"], panels),
         plots.auroc_against_bytes(out_dir / PLOT_FILES["bytes"], points),
+        plots.auroc_against_bytes(
+            out_dir / PLOT_FILES["privacy"],
+            variant_points,
+            "AUROC against communication: transport and privacy (h = 1)",
+        ),
         plots.validation_curves(
             out_dir / PLOT_FILES["rounds"], validation_curves(benchmark, headline) if headline else {}
         ),

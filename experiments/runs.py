@@ -47,6 +47,10 @@ class MethodSpec:
     global_r: int = 8
     local_r: int = 8
     proximal_mu: float = 0.0
+    compression: str | None = None
+    """Transport codec of the training rounds (FederationConfig.compression)."""
+    base: str | None = None
+    """For a variant (VARIANTS): the METHODS entry it changes one thing of, which it is compared against."""
 
 
 def not_evaluable(policy: SharingPolicy) -> dict[str, str]:
@@ -90,6 +94,28 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("centralized", None, "one LoRA (r 8) + head on the pooled training data, no NVFlare"),
     )
 }
+VARIANTS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "med_duallora_fp16",
+            "med_duallora",
+            "as med_duallora, each training round's weights sent as float16 both ways",
+            compression="fp16",
+            base="med_duallora",
+        ),
+        MethodSpec(
+            "med_duallora_int8",
+            "med_duallora",
+            "as med_duallora, each training round's weights sent as blockwise int8 (256 values a block) both ways",
+            compression="int8",
+            base="med_duallora",
+        ),
+    )
+}
+"""Transport and privacy options of a method (#14): each is compared with its `base` method, not ranked in the
+headline table."""
+ALL_METHODS = METHODS | VARIANTS
 
 
 @dataclass(frozen=True)
@@ -217,6 +243,7 @@ def federation_config(
         name=job_name,
         adapter=adapter,
         replica_seeds=tuple(replica_seeds),
+        compression=method.compression,
         **site,
     )
 

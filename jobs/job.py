@@ -22,6 +22,7 @@ from pathlib import Path
 from nvflare.fuel.flare_api.api_spec import AuthenticationError, AuthorizationError
 
 from app.site_config import add_site_arguments, site_config_from_arguments
+from custom.codec import CODECS
 from jobs.poc import CONNECT_TIMEOUT_S, AdminKit, run_job, submit_folder
 from jobs.recipe import (
     REAL_ROUNDS,
@@ -73,6 +74,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="robust aggregation: scale each site's update down to this L2 norm when longer (default: off)",
+    )
+    federation.add_argument(
+        "--compress",
+        choices=CODECS,
+        default=None,
+        help="compressed transport of the training rounds' weights, both ways: fp16, or blockwise int8 (default: "
+        "fp32)",
     )
     federation.add_argument(
         "--process-per-round",
@@ -142,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         "name": args.name,
         "max_samples_per_site": args.max_samples_per_site,
         "clip_update_norm": args.clip_update_norm,
+        "compression": args.compress,
         "round_timeout_s": args.round_timeout_s,
         "straggler_wait_s": args.straggler_wait_s,
         "process_per_round": args.real if args.process_per_round is None else args.process_per_round,

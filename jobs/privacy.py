@@ -23,7 +23,12 @@ AUTHORIZATION_FILE = "authorization.json"
 RESOURCES_FILE = "resources.json"
 SITE_ONLY = "o:site"
 """An NVFlare authorization condition: the user belongs to the site's own organisation."""
-SITE_INSTALLED_CLASSES = ("custom.site_executor.SiteInstalledExecutor", "custom.filters.SharedKeysOnly")
+SITE_INSTALLED_CLASSES = (
+    "custom.site_executor.SiteInstalledExecutor",
+    "custom.filters.SharedKeysOnly",
+    "custom.codec.CompressWeights",
+    "custom.codec.DecompressWeights",
+)
 """What a site-installed job (jobs.site_installed) builds at a site beyond NVFlare's default allow list."""
 
 

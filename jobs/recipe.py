@@ -24,6 +24,7 @@ from nvflare.recipe import add_experiment_tracking
 
 from app.site_config import SITE_CONFIG_FILE, SiteConfig
 from custom.aggregators import DEFAULT_MAX_SAMPLES_PER_SITE, SharedKeyAggregator
+from custom.codec import CODECS, CompressWeights, DecompressWeights
 from custom.comm import PayloadMeter
 from custom.controller import REPLICA_CHECKPOINT
 from custom.filters import SharedKeysOnly
@@ -48,7 +49,8 @@ main()
 '''
 INITIAL_CHECKPOINT = "ckpt/init_global_adapters.pt"
 BYOC_DIR = "byoc"
-WEIGHT_TASKS = ["train", "validate"]
+TRAIN_TASK = "train"
+WEIGHT_TASKS = [TRAIN_TASK, "validate"]
 TASK_REQUEST_INTERVAL_S = 0.5  # how soon a site asks again when no task is ready (NVFlare's default: 2 s)
 TRACKING_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 """The server's experiment tracking choices (NVFlare's receivers) and the package each needs: on the server, which
@@ -76,6 +78,10 @@ class FederationConfig:
     """The largest training-sample count a site may claim; an update claiming more is rejected, not clipped."""
     clip_update_norm: float | None = None
     """Robust aggregation: each site's update is scaled down to this L2 norm when longer (None = off)."""
+    compression: str | None = None
+    """Compressed transport of the training rounds' weights, both ways (custom.codec): `fp16`, `int8` (blockwise),
+    or None (fp32). The final model goes to the sites for evaluation uncompressed, so the model each site tests is
+    exactly the one the server exports."""
     round_timeout_s: int = 3600
     """A round (and each final evaluation stage) ends after this many seconds, with whoever answered: a hung site
     cannot stall the federation for longer."""
@@ -94,6 +100,8 @@ class FederationConfig:
     TensorBoard files either way."""
 
     def __post_init__(self) -> None:
+        if self.compression is not None and self.compression not in CODECS:
+            raise ValueError(f"compression {self.compression!r}: choose one of {list(CODECS)} or None")
         if self.tracking not in TRACKING_PACKAGES:
             raise ValueError(f"tracking {self.tracking!r}: choose one of {sorted(TRACKING_PACKAGES)}")
         if self.replica_seeds and (self.resume_from or self.start_round):
@@ -115,6 +123,7 @@ class FederationConfig:
         name: str | None = None,
         max_samples_per_site: int = DEFAULT_MAX_SAMPLES_PER_SITE,
         clip_update_norm: float | None = None,
+        compression: str | None = None,
         round_timeout_s: int = 3600,
         straggler_wait_s: int = 600,
         process_per_round: bool = False,
@@ -133,6 +142,7 @@ class FederationConfig:
             name=name,
             max_samples_per_site=max_samples_per_site,
             clip_update_norm=clip_update_norm,
+            compression=compression,
             round_timeout_s=round_timeout_s,
             straggler_wait_s=straggler_wait_s,
             process_per_round=process_per_round,
@@ -300,8 +310,17 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
     for seed in config.replica_seeds:
         recipe.add_server_file(REPLICA_CHECKPOINT.format(seed))
     recipe.add_client_output_filter(SharedKeysOnly(policy), tasks=WEIGHT_TASKS)
-    recipe.add_server_input_filter(PayloadMeter("up"), tasks=["train"])
-    recipe.add_server_output_filter(PayloadMeter("down"), tasks=["train"])
+    # Filters run in the order added: the codec packs after SharedKeysOnly and before the downlink meter, and
+    # unpacks after the uplink meter, so that both meters count the bytes on the wire.
+    if config.compression:
+        # on the validate task's results too (NVFlare wants one task set per chain): they carry metrics only
+        recipe.add_client_output_filter(CompressWeights(config.compression), tasks=WEIGHT_TASKS)
+        recipe.add_server_output_filter(CompressWeights(config.compression), tasks=[TRAIN_TASK])
+        recipe.add_client_input_filter(DecompressWeights(), tasks=[TRAIN_TASK])
+    recipe.add_server_input_filter(PayloadMeter("up"), tasks=[TRAIN_TASK])
+    recipe.add_server_output_filter(PayloadMeter("down"), tasks=[TRAIN_TASK])
+    if config.compression:
+        recipe.add_server_input_filter(DecompressWeights(), tasks=[TRAIN_TASK])
     add_experiment_tracking(recipe, config.tracking)
     return recipe
 

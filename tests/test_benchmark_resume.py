@@ -22,7 +22,7 @@ from experiments.design import HEADLINE, NEGATIVE_CONTROL, PARTS, SWEEP_METHODS,
 from experiments.extend import NotExtendable
 from experiments.preregistration import Hyperparameters
 from experiments.records import RecordError, read_record, record_path
-from experiments.runs import METHODS, RunSettings
+from experiments.runs import METHODS, VARIANTS, RunSettings
 from models.protocol import SITES
 
 HYPERPARAMETERS = Hyperparameters(rounds=2, local_epochs=1, lr=1e-3)
@@ -168,7 +168,9 @@ def test_the_parts_cover_the_design_once():
     assert {unit.method for unit in sweep} == set(SWEEP_METHODS) <= headline
     roles = {unit.condition.role for unit in PARTS["controls"]}
     assert roles == {"negative control", "positive control"}
-    everything = units_of(("headline", "sweep-low", "sweep-high", "controls", "headline"))
+    assert {unit.method for unit in PARTS["privacy"]} == set(VARIANTS)
+    assert {unit.condition for unit in PARTS["privacy"]} == {HEADLINE}  # compared with the headline's runs
+    everything = units_of(("headline", "sweep-low", "sweep-high", "controls", "privacy", "headline"))
     assert len(everything) == len(set(everything)) == sum(len(units) for units in PARTS.values())
     quick = units_of(tuple(PARTS), quick=True)
     assert {unit.condition.heterogeneity for unit in quick if unit.condition.role == "sweep"} == {0.0}

@@ -196,7 +196,18 @@ def test_the_production_project_provisions_the_server_four_sites_and_admins(tmp_
     site = Workspace(root_dir=str(prod / "ge"), site_name="ge")
     assert site.get_resources_file_path() == str(local / "resources.json")
     authorizer = ComponentPathAuthorizer()
-    for allowed in (SITE_EXECUTOR, "custom.filters.SharedKeysOnly"):
+    # Every component a site-installed job builds at a site, compressed transport included, is allowed there.
+    job = export_job(FederationConfig.for_method(compression="int8"), tmp_path / "jobs", site_installed=True)
+    client = json.loads((job / SITE_APP / "config" / CLIENT_CONFIG).read_text())
+    paths = {entry["executor"]["path"] for entry in client["executors"]}
+    paths |= {
+        item["path"]
+        for kind in ("task_data_filters", "task_result_filters")
+        for chain in client[kind]
+        for item in chain["filters"]
+    }
+    assert {SITE_EXECUTOR, "custom.filters.SharedKeysOnly", "custom.codec.CompressWeights"} <= paths
+    for allowed in paths:
         authorizer.authorize_component_config({"path": allowed, "args": {}}, workspace=site)
     general = "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor"
     with pytest.raises(UnsafeComponentError, match="not in allow_list"):

@@ -34,6 +34,7 @@ KINDS = {
     "local_only": ("personalised",),
     "centralized": ("central",),
 }
+VARIANT_KINDS = {"med_duallora_fp16": KINDS["med_duallora"], "med_duallora_int8": KINDS["med_duallora"]}
 CONTROL_METHODS = ("med_duallora", "fedit", "local_only")
 FAST = {"n_boot": 300, "row_n_boot": 50}
 """Replicates for the tests: the report's figures, not the intervals' precision, are under test."""
@@ -55,13 +56,13 @@ def make_record(
     """A record whose P(diseased) is expit(s * (2y - 1) + z): z is the seed's per-subject noise, shared by every
     model of that seed (so paired differences are exact), s the model's separation at the site (1 unless
     `strength[(kind, site)]` says otherwise). With `shuffle`, each site lists its subjects in a seed-specific order."""
-    sites = {}
+    sites, kinds = {}, (KINDS | VARIANT_KINDS)[method]
     for index, site in enumerate(SITES):
         labels = labels_of(site, n_test)
         noise = np.random.default_rng([seed, index]).normal(size=n_test)
         order = np.random.default_rng([seed, index, 7]).permutation(n_test) if shuffle else np.arange(n_test)
         models = {}
-        for kind in KINDS[method]:
+        for kind in kinds:
             separation = (strength or {}).get((kind, site), 1.0)
             scores = expit(separation * (2 * labels - 1) + noise)
             siemens = expit(separation * (2 * labels - 1) + noise + 0.5 * (2 * labels - 1))
@@ -78,7 +79,7 @@ def make_record(
             "val_labels": labels[:20].tolist(),
             "models": models,
         }
-    sent = {"centralized": None, "local_only": 0.0}.get(method, 1e5 * (1 + len(KINDS[method])))
+    sent = {"centralized": None, "local_only": 0.0, "med_duallora_int8": 5e4}.get(method, 1e5 * (1 + len(kinds)))
     return {
         "schema": RECORD_SCHEMA,
         "condition": {"name": condition.name, "role": condition.role, **asdict(condition)},
@@ -313,6 +314,34 @@ def test_headline_rows_average_the_sites_and_find_the_worst_one(tmp_path):
     assert row.metrics["worst_auroc"].estimate == pytest.approx(per_site["canon"])
     for name, effect in row.metrics.items():
         assert effect.low <= effect.estimate <= effect.high or name == "ece", name  # ECE: as in the test above
+
+
+def test_variants_are_compared_with_their_base_on_common_seeds_and_kept_out_of_the_headline(tmp_path):
+    records = write_runs(tmp_path, HEADLINE, ("med_duallora", "fedit"), seeds=(0, 1, 2))
+    # fp16 scores exactly as its base (the same seeds' noise): ΔAUROC 0; int8 separates worse everywhere.
+    records += write_runs(tmp_path, HEADLINE, ("med_duallora_fp16",), seeds=(0, 1))
+    weak = {(kind, site): 0.2 for kind in KINDS["med_duallora"] for site in SITES}
+    records += write_runs(
+        tmp_path, HEADLINE, ("med_duallora_int8",), seeds=(0, 1, 2), strengths={"med_duallora_int8": weak}
+    )
+    analysis = benchmark_analysis.analyse(Benchmark.of(records), n_boot=300)
+    assert [row.method for row in analysis.headline_rows] == ["med_duallora", "fedit"]
+    assert not any("fp16" in item.comparison.label or "int8" in item.comparison.label for item in analysis.effects)
+    rows = {row.method: row for row in analysis.variants}
+    assert list(rows) == ["med_duallora", "med_duallora_fp16", "med_duallora_int8"]
+    assert all(row.seeds == [0, 1] and row.base == "med_duallora" for row in rows.values())
+    assert rows["med_duallora"].delta_auroc is None
+    assert rows["med_duallora_fp16"].delta_auroc.estimate == pytest.approx(0, abs=1e-12)
+    assert rows["med_duallora_fp16"].metrics["auroc"].estimate == pytest.approx(
+        rows["med_duallora"].metrics["auroc"].estimate
+    )
+    assert rows["med_duallora_int8"].delta_auroc.high < 0
+    assert rows["med_duallora_int8"].bytes_per_round == 5e4
+    assert rows["med_duallora_int8"].wall_s_per_round == pytest.approx(12.0 / (2 * 2))
+    write_report(tmp_path, log=quiet, **FAST)
+    text = summary(tmp_path)
+    assert "## 10. Transport and privacy (h = 1)" in text and "| med_duallora_int8 | 0 1 |" in text
+    assert "base (med_duallora)" in text
 
 
 def test_over_sites_draws_as_stats_does_and_pairs_exactly():
