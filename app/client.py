@@ -48,6 +48,7 @@ from data_prep.datamodule import VendorDataModule
 from data_prep.report import read_prepared
 from data_prep.splits import REFERENCE_TEST_SPLIT
 from models.atomic_io import write_json_atomic
+from models.dp import PrivacyLedger
 from models.dual_lora import backbone_of
 from models.export import backbone_record, input_contract, write_model
 from models.lit import QUIET_TRAINER_KWARGS, DualLoRAClassifier
@@ -56,6 +57,7 @@ from models.policy import SharingPolicy, adapter_of
 from models.protocol import (
     CALIBRATE,
     DATA_ENV,
+    DP_EPSILON_KEY,
     FULL_MODEL_BYTES_KEY,
     GLOBAL_THRESHOLD_KEY,
     METRIC_NAMES,
@@ -217,13 +219,41 @@ class SavePrivateState(pl.Callback):
             logger.info("round %d: training from the global model %s", self.current_round, self.global_digest)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: DualLoRAClassifier) -> None:
-        self.state.save(private_state(pl_module), self.current_round, self.global_digest)
+        privacy = pl_module.privacy.history if pl_module.dp is not None else None
+        self.state.save(private_state(pl_module), self.current_round, self.global_digest, privacy)
 
 
-def round_trainer(config: SiteConfig, state: SiteState, current_round: int, report: ReportEpochs) -> pl.Trainer:
+class ReportPrivacy(pl.Callback):
+    """Under DP-SGD, after each round's training: the ε the site has spent so far goes to its log, the server's
+    TensorBoard (`dp_epsilon`) and the round's result metadata (DP_EPSILON_KEY), before the FL callback sends."""
+
+    def __init__(self, tracker: SummaryWriter, current_round: int, seed: int | None):
+        self.tracker = tracker
+        self.current_round = current_round
+        self.seed = seed
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: DualLoRAClassifier) -> None:
+        if pl_module.dp is None:
+            return
+        epsilon = pl_module.privacy.epsilon(pl_module.dp.delta)
+        logger.info(
+            "round %d: DP-SGD has spent epsilon %.3f at delta %g (sigma %.4f, %d steps)",
+            self.current_round,
+            epsilon,
+            pl_module.dp.delta,
+            pl_module.dp_noise_multiplier,
+            pl_module.privacy.steps,
+        )
+        pl_module.__fl_meta__[DP_EPSILON_KEY] = epsilon
+        self.tracker.add_scalar(f"{replica_tag_prefix(self.seed)}dp_epsilon", epsilon, global_step=self.current_round)
+
+
+def round_trainer(
+    config: SiteConfig, state: SiteState, current_round: int, report: ReportEpochs, privacy: ReportPrivacy
+) -> pl.Trainer:
     """A fresh trainer patched for one round: a round then runs the same whether the process lived on or not
-    (a reused Lightning trainer trains its next fit differently)."""
-    trainer = make_trainer(config, state.directory, [SavePrivateState(state, current_round), report])
+    (a reused Lightning trainer trains its next fit differently). Its callbacks run before the FL callback sends."""
+    trainer = make_trainer(config, state.directory, [SavePrivateState(state, current_round), report, privacy])
     patch_trainer(trainer, restore_state=False, load_state_dict_strict=False)
     return trainer
 
@@ -374,6 +404,8 @@ def export_personalised(
         },
         "training": config.to_dict(),
     }
+    if module.dp is not None:
+        metadata["privacy"] = module.privacy.report(module.dp)
     out = os.path.join(run_dir, PERSONALISED_MODEL_DIR)
     write_model(
         out,
@@ -495,9 +527,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         evaluating = flare.is_evaluate()
         current_round = None if evaluating else received.current_round
         check_global_model(module, received, current_round)
-        saved = state.for_round(current_round)
-        if saved is not None:
-            restore_private_state(module, saved, state.path)
+        saved_round = state.resume_round(current_round)
+        if saved_round is not None:
+            restore_private_state(module, state.load(saved_round)[0], state.path)
+        if module.dp is not None:
+            module.privacy = PrivacyLedger(state.privacy_history(saved_round) if saved_round is not None else [])
         round_seed_value = round_seed(config.seed, site, current_round)
         datamodule = VendorDataModule(
             replica.data_root,
@@ -506,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             augment=config.augment,
             num_workers=config.num_workers,
             seed=round_seed_value,
+            poisson_sampling=module.dp is not None,
         )
         if replica.contract is None:
             replica.contract = check_site_data(config, datamodule, module)
@@ -526,7 +561,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         module.__fl_meta__ = site_meta
         n_train = datamodule.num_train_samples
         report = ReportEpochs(tracker, site, received.current_round, n_train, replica.seed)
-        trainer = round_trainer(config, state, received.current_round, report)
+        privacy = ReportPrivacy(tracker, received.current_round, replica.seed)
+        trainer = round_trainer(config, state, received.current_round, report, privacy)
         trainer.validate(module, datamodule=datamodule, verbose=False)
         track_validation(tracker, trainer.callback_metrics, received.current_round, replica.seed)
         trainer.fit(module, datamodule=datamodule)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from models.config import CINEMA_SPACING_MM, ConvViTConfig, cinema_yaml_spacing
+from models.dp import DPConfig
 from models.dual_lora import DualLoRAConfig, build_policy
 from models.lit import DualLoRAClassifier
 from models.policy import POLICY_NAMES, SharingPolicy, get_policy
@@ -89,6 +90,16 @@ class SiteConfig:
         "Activation (gradient) checkpointing of the encoder blocks: less GPU memory for CineMA-base, more compute.",
         default=False,
     )
+    dp_epsilon: float = _help(
+        "DP-SGD at the site (docs/privacy.md): the (epsilon, dp_delta) budget the whole run may spend, every "
+        "trainable parameter clipped per sample and noised (Opacus); 0 = off.",
+        default=0.0,
+    )
+    dp_delta: float = _help("DP-SGD's delta.", default=1e-5)
+    dp_max_grad_norm: float = _help("DP-SGD's per-sample gradient clipping bound (L2).", default=1.0)
+    dp_rounds: int = _help(
+        "The rounds the DP budget spans: the job's rounds (FederationConfig sets it; 0 = not set).", default=0
+    )
     precision: str = _help(
         f"Lightning precision at the site: `{AUTO_PRECISION}` (bf16-mixed on a GPU, 32-true on CPU), `32-true`, "
         "`bf16-mixed`, `16-mixed`.",
@@ -98,6 +109,17 @@ class SiteConfig:
     def __post_init__(self) -> None:
         if self.adapter.init_seed != self.seed:
             self.adapter = dataclasses.replace(self.adapter, init_seed=self.seed)
+        if self.dp_epsilon and self.proximal_mu:
+            # Opacus noises the per-sample gradients only: a proximal term's gradient would leave unclipped.
+            raise ValueError("dp_epsilon and proximal_mu cannot be combined: FedProx's term escapes DP-SGD's clipping")
+
+    def dp_config(self) -> DPConfig | None:
+        """The site's DP-SGD budget, None when DP is off."""
+        if not self.dp_epsilon:
+            return None
+        if self.dp_rounds < 1:
+            raise ValueError("dp_epsilon is set but dp_rounds is not: the budget must know how many rounds it spans")
+        return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_max_grad_norm, self.dp_rounds)
 
     # ---- construction --------------------------------------------------------------------------------------------
 
@@ -224,6 +246,7 @@ class SiteConfig:
             eval_global_only=self.policy.is_dual,
             grad_ckpt=self.grad_ckpt,
             proximal_mu=self.site_proximal_mu,
+            dp=self.dp_config(),
         )
 
 

@@ -18,7 +18,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from custom.site_state import state_digest
 from models.policy import SharingPolicy
-from models.protocol import AUDIT_FILE, SAMPLES_KEY
+from models.protocol import AUDIT_FILE, DP_EPSILON_KEY, SAMPLES_KEY
 
 DEFAULT_MAX_SAMPLES_PER_SITE = 100_000
 """The largest training-sample count a site may claim (a job setting): a count above it is rejected, not clipped."""
@@ -31,6 +31,7 @@ class _Update:
     samples: int
     params: dict[str, torch.Tensor]
     metrics: dict[str, Any]
+    dp_epsilon: float | None = None
 
 
 class SharedKeyAggregator(ModelAggregator):
@@ -130,6 +131,10 @@ class SharedKeyAggregator(ModelAggregator):
         count_problem = self._sample_count_problem(samples)
         if count_problem:
             return None, count_problem
+        epsilon = (model.meta or {}).get(DP_EPSILON_KEY)
+        is_number = isinstance(epsilon, int | float) and not isinstance(epsilon, bool)
+        if epsilon is not None and not (is_number and math.isfinite(epsilon) and epsilon >= 0):
+            return None, f"meta[{DP_EPSILON_KEY!r}] must be a finite non-negative number, got {epsilon!r}"
         cast = {}
         for key, expected in self._reference.items():
             value, problem = _as_float_tensor(params[key])
@@ -140,7 +145,7 @@ class SharedKeyAggregator(ModelAggregator):
             if not torch.isfinite(value).all():
                 return None, f"{key} holds non-finite values"
             cast[key] = value.to(expected.dtype)
-        return _Update(int(samples), cast, dict(model.metrics or {})), ""
+        return _Update(int(samples), cast, dict(model.metrics or {}), None if epsilon is None else float(epsilon)), ""
 
     def _sample_count_problem(self, samples: Any) -> str:
         is_integer = isinstance(samples, int | np.integer) and not isinstance(samples, bool)
@@ -182,11 +187,22 @@ class SharedKeyAggregator(ModelAggregator):
             f"global model {state_digest(params)}"
         )
         self.info(f"round {current_round}: {summary}")
+        meta = {"contributors": weights, "rejected": dict(self._rejected), "missing": missing}
+        epsilons = {
+            site: self._accepted[site].dp_epsilon for site in sites if self._accepted[site].dp_epsilon is not None
+        }
+        if epsilons:
+            # Each patient's data is at one site: by parallel composition the global model is (max ε, δ)-DP for any
+            # one patient, provided every site ran DP-SGD (docs/privacy.md).
+            meta[DP_EPSILON_KEY] = epsilons
+            self.info(
+                f"round {current_round}: DP-SGD epsilon spent per site {epsilons}; max {max(epsilons.values()):.3f}"
+            )
         result = FLModel(
             params=params,
             params_type=ParamsType.FULL,
             metrics={name: value for name, value in metrics.items() if value is not None} or None,
-            meta={"contributors": weights, "rejected": dict(self._rejected), "missing": missing},
+            meta=meta,
         )
         self.reset_stats()
         return result

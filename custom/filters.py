@@ -14,6 +14,7 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from custom.evaluation import histogram_problem
 from models.policy import SharingPolicy
 from models.protocol import (
+    DP_EPSILON_KEY,
     FULL_MODEL_BYTES_KEY,
     METRIC_NAMES,
     MIN_SUBJECTS_PER_FIGURE,
@@ -22,7 +23,7 @@ from models.protocol import (
 )
 
 WEIGHT_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
-RESULT_META_KEYS = frozenset({SAMPLES_KEY, FULL_MODEL_BYTES_KEY, MetaKey.NUM_STEPS_CURRENT_ROUND})
+RESULT_META_KEYS = frozenset({SAMPLES_KEY, FULL_MODEL_BYTES_KEY, MetaKey.NUM_STEPS_CURRENT_ROUND, DP_EPSILON_KEY})
 """The only result metadata that leaves a site (each a finite number), besides the declared metrics below."""
 METRIC_GROUPS = ("val", "val_global_only", "personalised", "global_only")
 """Each reported figure is `<group>_<name>`, and `<group>_n` counts the subjects it describes."""

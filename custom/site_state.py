@@ -77,16 +77,35 @@ class SiteState:
         rounds = self.saved_rounds()
         return rounds[-1] if rounds else None
 
-    def save(self, private: Mapping[str, torch.Tensor], completed_round: int, global_digest: str = "") -> None:
-        """Persist the private entries reached at the end of `completed_round`; drop all but the last few."""
+    def save(
+        self,
+        private: Mapping[str, torch.Tensor],
+        completed_round: int,
+        global_digest: str = "",
+        privacy: list[tuple[float, float, int]] | None = None,
+    ) -> None:
+        """Persist the private entries reached at the end of `completed_round` (and, under DP-SGD, the privacy
+        ledger's history: ε composes over every round); drop all but the last few."""
         state = {key: value.detach().cpu().clone() for key, value in private.items()}
         record = {"round": completed_round, "run": self.run_name, "global_digest": global_digest, "state": state}
+        if privacy is not None:
+            record["privacy"] = [list(map(float, entry[:2])) + [int(entry[2])] for entry in privacy]
         torch_save_atomic(self.round_path(completed_round), record)
         for old in self.saved_rounds()[: -self.KEEP_ROUNDS]:
             os.remove(self.round_path(old))
 
     def load(self, completed_round: int | None = None) -> tuple[dict[str, torch.Tensor], int] | None:
         """The private entries saved at `completed_round` (default: the latest) and that round, or None."""
+        record = self._record(completed_round)
+        return None if record is None else (dict(record["state"]), int(record["round"]))
+
+    def privacy_history(self, completed_round: int | None = None) -> list[tuple[float, float, int]]:
+        """The DP ledger's history saved at `completed_round` (default: the latest); empty without one."""
+        record = self._record(completed_round)
+        return [] if record is None else [(float(s), float(q), int(n)) for s, q, n in record.get("privacy", [])]
+
+    def _record(self, completed_round: int | None) -> dict[str, Any] | None:
+        """The saved file of `completed_round` (default: the latest), checked to be this run's; None if absent."""
         if completed_round is None:
             completed_round = self.latest_round()
         if completed_round is None or completed_round not in self.saved_rounds():
@@ -94,15 +113,22 @@ class SiteState:
         path = self.round_path(completed_round)
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            state, saved_round = dict(saved["state"]), int(saved["round"])
+            saved_round = int(saved["round"])
+            saved["state"] = dict(saved["state"])
         except (KeyError, TypeError, ValueError, RuntimeError, OSError, pickle.UnpicklingError) as error:
             raise ValueError(f"{path}: unreadable site state ({str(error).splitlines()[0]})") from error
         if saved_round != completed_round or (self.run_name and saved.get("run") not in ("", self.run_name)):
             raise ValueError(f"{path}: holds round {saved_round} of run {saved.get('run')!r}, not this run's")
-        return state, saved_round
+        return saved
 
     def for_round(self, current_round: int | None) -> dict[str, torch.Tensor] | None:
-        """What a site resumes from when it receives `current_round`, or None to start from the initialisation.
+        """The private entries a site resumes from when it receives `current_round` (resume_round), or None."""
+        saved_round = self.resume_round(current_round)
+        loaded = self.load(saved_round) if saved_round is not None else None
+        return loaded[0] if loaded else None
+
+    def resume_round(self, current_round: int | None) -> int | None:
+        """The saved round a site resumes from when it receives `current_round`, or None to start afresh.
 
         Round 0 starts a run afresh (state left by an earlier run of the same name is ignored). Round r loads the
         state of round r - 1, also when later rounds were saved (the server failed after the sites saved them);
@@ -123,5 +149,4 @@ class SiteState:
             logger.warning("%s: resuming round %d from state of round %d", self.path, current_round, saved_round)
         else:
             logger.info("%s: resuming from the private state saved at round %d", self.path, saved_round)
-        loaded = self.load(saved_round)
-        return loaded[0] if loaded else None
+        return saved_round

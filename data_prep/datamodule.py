@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised, ScaleIntensityd
 from monai.utils import convert_to_tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from data_prep.preprocess import read_volume, to_uint8
 from data_prep.report import image_path, read_manifest
@@ -76,6 +77,20 @@ class CachedVolumes(Dataset):
         }
 
 
+def _collate_or_empty(image_shape: tuple[int, ...], samples: list[dict[str, object]]) -> dict[str, object]:
+    """torch's collation, and for an empty Poisson batch the batch of no subject (DP-SGD still steps on it)."""
+    if samples:
+        return default_collate(samples)
+    empty: list[str] = []
+    return {
+        "image": torch.zeros((0, *image_shape), dtype=torch.float32),
+        "label": torch.zeros(0, dtype=torch.int64),
+        "subject_id": empty,
+        "client": list(empty),
+        "pathology": list(empty),
+    }
+
+
 def _seed_worker_transform(worker_id: int) -> None:
     """Give each loader worker its own augmentation stream, derived from the loader's seeded base seed."""
     info = get_worker_info()
@@ -100,7 +115,10 @@ class VendorDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         transform: Callable[[tuple[int, int], int], Compose] = training_transform,
+        poisson_sampling: bool = False,
     ) -> None:
+        """`poisson_sampling`: each training subject joins each batch independently with probability batch_size /
+        n (DP-SGD's sampling; batches vary in size and may be empty), for n / batch_size batches an epoch."""
         super().__init__()
         if root is None:
             root = os.environ.get(DATA_ENV)
@@ -127,6 +145,7 @@ class VendorDataModule(L.LightningDataModule):
         self.transform = transform
         self.num_workers = num_workers
         self.seed = seed
+        self.poisson_sampling = poisson_sampling
         self.datasets: dict[str, CachedVolumes] = {}
 
     @property
@@ -188,7 +207,29 @@ class VendorDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.poisson_sampling:
+            return self._poisson_loader()
         return self._loader("train", shuffle=True)
+
+    def _poisson_loader(self) -> DataLoader:
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # imported only for DP-SGD
+
+        if "train" not in self.datasets:
+            self.setup()
+        dataset = self.datasets["train"]
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(dataset),
+            sample_rate=self.batch_size / len(dataset),
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=partial(_collate_or_empty, dataset.volumes[0].shape),
+            num_workers=self.num_workers,
+            worker_init_fn=_seed_worker_transform,
+            persistent_workers=False,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

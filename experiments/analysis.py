@@ -594,7 +594,8 @@ class HeadlineRow:
 class VariantRow:
     """A method or one of its transport and privacy variants at the headline, on the seeds the method and all its
     variants share: its primary model's AUROC and balanced accuracy (means over sites), ΔAUROC against the method
-    (None for the method itself), uplink bytes per client per round and job wall time per round."""
+    (None for the method itself), uplink bytes per client per round, job wall time per round, and under DP-SGD
+    the ε spent (mean over seeds of the largest site's; None without DP) at `delta`."""
 
     method: str
     base: str
@@ -604,6 +605,8 @@ class VariantRow:
     delta_auroc: stats.Effect | None
     bytes_per_round: float | None
     wall_s_per_round: float | None
+    epsilon: float | None = None
+    delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -699,8 +702,20 @@ def variant_rows(benchmark: Benchmark, condition: str, n_boot: int) -> list[Vari
                 paired = {site: (labels, [m[index], m[0]]) for site, (labels, m) in scores["test"].items()}
                 delta = over_sites(paired, stats.auroc, n_boot).mean
             runs = [run for run in benchmark.runs(condition, method) if int(run["seed"]) in seeds]
-            rows.append(VariantRow(method, base, kind, seeds, metrics, delta, *_round_costs(runs)))
+            row = VariantRow(method, base, kind, seeds, metrics, delta, *_round_costs(runs), *_privacy_spent(runs))
+            rows.append(row)
     return rows
+
+
+def _privacy_spent(runs: Sequence[Record]) -> tuple[float | None, float | None]:
+    """Mean over `runs` of the ε each run spent (its largest site's) and their δ; (None, None) without DP-SGD."""
+    spent = [run["privacy"] for run in runs if run.get("privacy")]
+    if not spent or len(spent) != len(runs):
+        return None, None
+    deltas = {entry["delta"] for entry in spent}
+    if len(deltas) != 1:
+        raise ValueError(f"runs of one method at different deltas {sorted(deltas)}")
+    return float(np.mean([entry["epsilon"] for entry in spent])), deltas.pop()
 
 
 def _round_costs(runs: Sequence[Record]) -> tuple[float | None, float | None]:

@@ -79,7 +79,7 @@ QUICK_METHODS = {
     "sweep-low": ("med_duallora", "fedit"),
     "sweep-high": (),
     "controls": ("med_duallora", "fedit"),
-    "privacy": ("med_duallora_int8",),
+    "privacy": ("med_duallora_int8", "med_duallora_dp8"),
 }
 QUICK_HETEROGENEITY = 0.0
 """`--quick` runs every part on fewer methods (and the sweep at h = 0 only): a smoke test of the whole pipeline."""

@@ -18,6 +18,8 @@ A record (JSON):
 - `cost`: `params` (total, trainable, shared), `bytes_sent_per_client_round` (None: centralized), `job_wall_s`
   (the simulator job's, shared by its `seeds_in_job` replicas) and `seeds_in_job`;
 - `not_evaluable`: model kinds the method has no usable model of, with the reason;
+- `privacy` (only for a run under DP-SGD): `delta`, each site's spent `epsilon_per_site` (from its exported model's
+  metadata) and their maximum `epsilon`, the run's guarantee for any one patient (docs/privacy.md);
 - `test_draws_from_exported_models` (only in a record extended by experiments.extend): the test draws its run's
   exported models scored after the run, and the largest difference from the record's own scores found when checking
   them.

@@ -363,7 +363,7 @@ def privacy_section(analysis: Analysis) -> list[str]:
     if not analysis.variants:
         return lines + ["Not run yet: no record of a variant (`--part privacy`).", ""]
     header = ["method", "seeds", "AUROC (mean over sites)", "balanced accuracy", "ΔAUROC vs its base"]
-    header += ["uplink bytes / client / round", "job wall s / round"]
+    header += ["uplink bytes / client / round", "job wall s / round", "ε (DP-SGD)"]
     body = [
         [
             row.method,
@@ -373,6 +373,7 @@ def privacy_section(analysis: Analysis) -> list[str]:
             f"base ({row.base})" if row.delta_auroc is None else effect_text(row.delta_auroc, signed=True),
             _bytes_text(row.bytes_per_round),
             "n/a" if row.wall_s_per_round is None else f"{row.wall_s_per_round:.1f}",
+            "— (no DP)" if row.epsilon is None else f"{row.epsilon:.2f} at δ = {row.delta:g}",
         ]
         for row in analysis.variants
     ]
@@ -382,7 +383,9 @@ def privacy_section(analysis: Analysis) -> list[str]:
         "Uplink bytes: the serialized payload a site sent per round, as the server's meter counted it (packed, "
         "for a codec). Job wall s / round: the simulator job's wall time over its rounds and replicas, start-up and "
         "final evaluation included, on a shared 2-core machine (a rough figure; bench/compression.py times the "
-        "codec itself)."
+        "codec itself). ε: the budget spent, mean over seeds of the largest site's; each patient is at one site, so "
+        "that is the run's guarantee for any one patient, under the assumptions of docs/privacy.md (no row without "
+        "DP-SGD carries any)."
     )
     return lines + _table(header, body) + ["", note, ""]
 
@@ -497,7 +500,12 @@ def write_plots(benchmark: Benchmark, analysis: Analysis, out_dir: Path) -> list
         ]
     points = [plots.CostPoint(row.method, row.bytes_per_round, row.metrics["auroc"]) for row in analysis.headline_rows]
     variant_points = [
-        plots.CostPoint(row.method, row.bytes_per_round, row.metrics["auroc"]) for row in analysis.variants
+        plots.CostPoint(
+            row.method if row.epsilon is None else f"{row.method} (ε {row.epsilon:.1f})",
+            row.bytes_per_round,
+            row.metrics["auroc"],
+        )
+        for row in analysis.variants
     ]
     return [
         plots.delta_against_h(

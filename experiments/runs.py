@@ -21,6 +21,7 @@ from experiments.records import rounded
 from jobs.recipe import FederationConfig, export_job
 from jobs.simulate import SimulatorRun, last_epochs_only, run_simulator
 from models.dual_lora import DualLoRAConfig
+from models.export import read_metadata
 from models.policy import SharingPolicy, parameter_counts
 from models.protocol import DATA_ENV, SEED_PLACEHOLDER, SITES, STATE_ENV, replica_folder
 
@@ -49,6 +50,8 @@ class MethodSpec:
     proximal_mu: float = 0.0
     compression: str | None = None
     """Transport codec of the training rounds (FederationConfig.compression)."""
+    dp_epsilon: float = 0.0
+    """DP-SGD budget of each site over the run (SiteConfig.dp_epsilon; 0 = off), at δ = SiteConfig.dp_delta."""
     base: str | None = None
     """For a variant (VARIANTS): the METHODS entry it changes one thing of, which it is compared against."""
 
@@ -110,6 +113,18 @@ VARIANTS: dict[str, MethodSpec] = {
             "as med_duallora, each training round's weights sent as blockwise int8 (256 values a block) both ways",
             compression="int8",
             base="med_duallora",
+        ),
+        *(
+            MethodSpec(
+                f"{base}_dp{epsilon:g}",
+                base,
+                f"as {base}, under DP-SGD at every site: ε = {epsilon:g} over the run at δ = 1e-5, every trainable "
+                "parameter clipped per sample (C = 1, not tuned) and noised",
+                dp_epsilon=epsilon,
+                base=base,
+            )
+            for base in ("med_duallora", "ffa_lora")
+            for epsilon in (8.0, 1.0)
         ),
     )
 }
@@ -229,6 +244,7 @@ def federation_config(
         "seed": seed,
         "threads": 1,
         "proximal_mu": method.proximal_mu,
+        "dp_epsilon": method.dp_epsilon,
     }
     depth = SiteConfig(**site).model_config().depth
     adapter = DualLoRAConfig(
@@ -286,7 +302,20 @@ def run_federated(method: MethodSpec, settings: RunSettings, seeds: Sequence[int
             },
             "not_evaluable": not_evaluable(config.policy),
         }
+        if config.site.dp_config() is not None:
+            records[seed]["privacy"] = _privacy(run, settings.sites, replica)
     return records
+
+
+def _privacy(run: SimulatorRun, sites: Sequence[str], seed: int | None) -> dict[str, Any]:
+    """The ε each site spent (its exported model's metadata) and their maximum: each patient is at one site, so the
+    run is (max ε, δ)-DP for any one patient (docs/privacy.md)."""
+    spent = {site: read_metadata(run.personalised_model_dir(site, seed))["privacy"] for site in sites}
+    deltas = {entry["delta"] for entry in spent.values()}
+    if len(deltas) != 1:
+        raise ValueError(f"the sites report different deltas {sorted(deltas)}")
+    per_site = {site: float(entry["epsilon"]) for site, entry in spent.items()}
+    return {"delta": deltas.pop(), "epsilon_per_site": per_site, "epsilon": max(per_site.values())}
 
 
 def _federated_site(run: SimulatorRun, site: str, seed: int | None, policy: SharingPolicy) -> dict[str, Any]:

@@ -100,6 +100,8 @@ class FederationConfig:
     TensorBoard files either way."""
 
     def __post_init__(self) -> None:
+        if self.site.dp_epsilon and self.site.dp_rounds != self.rounds:
+            self.site = self.site.replace(dp_rounds=self.rounds)  # the DP budget spans the job's rounds
         if self.compression is not None and self.compression not in CODECS:
             raise ValueError(f"compression {self.compression!r}: choose one of {list(CODECS)} or None")
         if self.tracking not in TRACKING_PACKAGES:

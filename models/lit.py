@@ -13,6 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 from torchmetrics.functional import classification as tmf
 
 from models.config import ConvViTConfig
+from models.dp import DPConfig, PrivacyLedger, make_private
 from models.dual_lora import (
     DualLoRAConfig,
     adapters_active,
@@ -129,6 +130,7 @@ class DualLoRAClassifier(pl.LightningModule):
         eval_global_only: bool = False,
         grad_ckpt: bool = False,
         proximal_mu: float = 0.0,
+        dp: DPConfig | None = None,
     ) -> None:
         """
         Args:
@@ -155,9 +157,18 @@ class DualLoRAClassifier(pl.LightningModule):
             grad_ckpt: gradient checkpointing of the encoder blocks (for the base size on GPU).
             proximal_mu: FedProx weight: adds (mu/2)·||w - w_round_start||² over the trained shared parameters,
                 w_round_start being their values when fitting starts (the received global model); 0 = off.
+            dp: DP-SGD (models.dp) on every trainable parameter: per-sample clipping and Gaussian noise, Poisson
+                sampling of the training batches (the datamodule's `poisson_sampling`), the steps entered in
+                `self.privacy`; None = off.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["policy"])
+        self.save_hyperparameters(ignore=["policy", "dp"])
+        if dp is not None and proximal_mu:
+            raise ValueError("dp and proximal_mu cannot be combined: FedProx's term escapes DP-SGD's clipping")
+        self.dp = dp
+        self.privacy = PrivacyLedger()
+        self.dp_noise_multiplier: float | None = None
+        self._dp_hooks: Any = None
         self.adapter_config = adapter or DualLoRAConfig()
         self.class_names = self._class_names(task, classes)
         n_classes = len(self.class_names) if self.class_names else 2
@@ -289,6 +300,9 @@ class DualLoRAClassifier(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         subject_ids = batch.get("subject_id") if self.hparams.cache_train_prefix else None
         logits = self(batch["image"], subject_ids)
+        if not len(logits):
+            # An empty Poisson batch (DP-SGD): still one step, of noise alone, as the accountant counts it.
+            return logits.sum() * 0.0
         loss = self._loss(logits, self._targets(batch))
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(logits))
         if self._proximal_anchor:
@@ -403,9 +417,38 @@ class DualLoRAClassifier(pl.LightningModule):
             {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr, betas=(0.9, 0.95))
+        if self.dp is not None:
+            optimizer = self._private(optimizer)
         steps_per_epoch = self._steps_per_epoch()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step / steps_per_epoch))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _private(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """`optimizer` under DP-SGD for this fit: σ spends the budget over all rounds at this sampling rate."""
+        datamodule = self.trainer.datamodule
+        if not getattr(datamodule, "poisson_sampling", False):
+            raise ValueError(
+                "DP-SGD needs Poisson-sampled training batches: build the datamodule with poisson_sampling"
+            )
+        sample_rate = datamodule.batch_size / datamodule.num_train_samples
+        steps_per_round = int(self.trainer.max_epochs) * len(datamodule.train_dataloader())
+        self.dp_noise_multiplier = self.dp.noise_multiplier(sample_rate, steps_per_round)
+        self._dp_hooks, optimizer = make_private(
+            self.model,
+            optimizer,
+            self.dp,
+            self.dp_noise_multiplier,
+            expected_batch_size=datamodule.batch_size,
+            sample_rate=sample_rate,
+            ledger=self.privacy,
+        )
+        return optimizer
+
+    def on_train_end(self) -> None:
+        """Remove DP-SGD's per-sample hooks: the next round's fit attaches its own."""
+        if self._dp_hooks is not None:
+            self._dp_hooks.cleanup()
+            self._dp_hooks = None
 
     def _steps_per_epoch(self) -> float:
         trainer = getattr(self, "_trainer", None)

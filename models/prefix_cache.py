@@ -44,6 +44,9 @@ def run_frozen_prefix(backbone: ConvViT, images: torch.Tensor, n_blocks: int) ->
     uncached result.
     """
     with torch.no_grad(), _eval_mode(_prefix_modules(backbone, n_blocks)):
+        if not len(images):  # an empty batch (DP-SGD's Poisson sampling): the features' shapes, without a row
+            one = backbone.forward_prefix(images.new_zeros((1, *images.shape[1:])), n_blocks)
+            return PrefixFeatures(tokens=one.tokens[:0], skip_tokens=one.skip_tokens[:0])
         parts = [backbone.forward_prefix(image.unsqueeze(0), n_blocks) for image in images]
     if len(parts) == 1:
         return parts[0]

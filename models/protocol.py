@@ -50,6 +50,8 @@ def replica_folder(seed: int | None) -> str:
 SAMPLES_KEY = "num_train_samples"
 """Result meta: the site's training-subject count, the aggregation weight."""
 FULL_MODEL_BYTES_KEY = "full_model_bytes"
+DP_EPSILON_KEY = "dp_epsilon"
+"""Result metadata under DP-SGD: the ε a site has spent so far (at its configured δ), every round included."""
 """Result meta: raw bytes of the site's model without adapters (what full-model FedAvg would send)."""
 STAGE_KEY = "evaluation_stage"
 """Task meta of the final `validate` tasks: CALIBRATE, then TEST."""

@@ -18,7 +18,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from custom.aggregators import SharedKeyAggregator
 from models.policy import get_policy
-from models.protocol import AUDIT_FILE
+from models.protocol import AUDIT_FILE, DP_EPSILON_KEY
 
 GLOBAL_A = "model.base_model.model.encoder.blocks.3.attn.q.lora_A.global.weight"
 GLOBAL_B = "model.base_model.model.encoder.blocks.3.attn.q.lora_B.global.weight"
@@ -261,3 +261,20 @@ def test_state_resets_between_rounds(aggregator):
     result = aggregator.aggregate_model()
     torch.testing.assert_close(result.params[GLOBAL_A], torch.zeros(2, 3))
     assert result.meta["contributors"] == {"philips": 1.0}
+
+
+def _with_epsilon(model: FLModel, epsilon) -> FLModel:
+    model.meta[DP_EPSILON_KEY] = epsilon
+    return model
+
+
+def test_each_sites_epsilon_reaches_the_rounds_summary(aggregator):
+    aggregator.accept_model(_with_epsilon(_result("siemens", _honest(1.0), 10), 7.5))
+    aggregator.accept_model(_with_epsilon(_result("philips", _honest(3.0), 30), 8.0))
+    assert aggregator.aggregate_model().meta[DP_EPSILON_KEY] == {"philips": 8.0, "siemens": 7.5}
+
+
+@pytest.mark.parametrize("epsilon", [float("nan"), float("inf"), -1.0, "8", True])
+def test_a_malformed_epsilon_is_refused(aggregator, epsilon):
+    aggregator.accept_model(_result("siemens", _honest(1.0), 10))
+    assert not aggregator.accept_model(_with_epsilon(_result("ge", _honest(9.0), 10), epsilon))

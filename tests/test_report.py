@@ -34,7 +34,9 @@ KINDS = {
     "local_only": ("personalised",),
     "centralized": ("central",),
 }
-VARIANT_KINDS = {"med_duallora_fp16": KINDS["med_duallora"], "med_duallora_int8": KINDS["med_duallora"]}
+VARIANT_KINDS = {
+    name: KINDS["med_duallora"] for name in ("med_duallora_fp16", "med_duallora_int8", "med_duallora_dp8")
+}
 CONTROL_METHODS = ("med_duallora", "fedit", "local_only")
 FAST = {"n_boot": 300, "row_n_boot": 50}
 """Replicates for the tests: the report's figures, not the intervals' precision, are under test."""
@@ -98,6 +100,11 @@ def make_record(
             "seeds_in_job": 2,
         },
         "not_evaluable": {},
+        **(
+            {"privacy": {"delta": 1e-5, "epsilon_per_site": {}, "epsilon": 7.9 + 0.05 * seed}}
+            if "_dp" in method
+            else {}
+        ),
     }
 
 
@@ -324,11 +331,14 @@ def test_variants_are_compared_with_their_base_on_common_seeds_and_kept_out_of_t
     records += write_runs(
         tmp_path, HEADLINE, ("med_duallora_int8",), seeds=(0, 1, 2), strengths={"med_duallora_int8": weak}
     )
+    records += write_runs(tmp_path, HEADLINE, ("med_duallora_dp8",), seeds=(0, 1))
     analysis = benchmark_analysis.analyse(Benchmark.of(records), n_boot=300)
     assert [row.method for row in analysis.headline_rows] == ["med_duallora", "fedit"]
     assert not any("fp16" in item.comparison.label or "int8" in item.comparison.label for item in analysis.effects)
     rows = {row.method: row for row in analysis.variants}
-    assert list(rows) == ["med_duallora", "med_duallora_fp16", "med_duallora_int8"]
+    assert list(rows) == ["med_duallora", "med_duallora_fp16", "med_duallora_int8", "med_duallora_dp8"]
+    assert rows["med_duallora_dp8"].epsilon == pytest.approx(7.925) and rows["med_duallora_dp8"].delta == 1e-5
+    assert rows["med_duallora"].epsilon is None
     assert all(row.seeds == [0, 1] and row.base == "med_duallora" for row in rows.values())
     assert rows["med_duallora"].delta_auroc is None
     assert rows["med_duallora_fp16"].delta_auroc.estimate == pytest.approx(0, abs=1e-12)
@@ -341,7 +351,7 @@ def test_variants_are_compared_with_their_base_on_common_seeds_and_kept_out_of_t
     write_report(tmp_path, log=quiet, **FAST)
     text = summary(tmp_path)
     assert "## 10. Transport and privacy (h = 1)" in text and "| med_duallora_int8 | 0 1 |" in text
-    assert "base (med_duallora)" in text
+    assert "base (med_duallora)" in text and "7.93 at δ = 1e-05" in text and "— (no DP)" in text
 
 
 def test_over_sites_draws_as_stats_does_and_pairs_exactly():

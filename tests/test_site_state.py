@@ -68,3 +68,13 @@ def test_the_site_run_folder_is_found_from_either_working_directory(tmp_path, mo
     here.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(here)
     assert site_run_dir("job-1") == str(tmp_path / "job-1")
+
+
+def test_the_privacy_ledger_is_saved_with_its_round_and_resumed_with_it(state):
+    for completed in range(3):
+        state.save(_state(float(completed)), completed, privacy=[(0.9, 0.1, 10 * (completed + 1))])
+    assert state.resume_round(2) == 1
+    assert state.privacy_history(1) == [(0.9, 0.1, 20)]  # what round 2 resumes from, not the latest round's 30
+    assert state.privacy_history(None) == [(0.9, 0.1, 30)]
+    state.save(_state(9.0), 3)  # without DP-SGD: no ledger
+    assert state.privacy_history(3) == []
