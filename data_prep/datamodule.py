@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from data_prep.preprocess import read_volume, to_uint8
 from data_prep.report import image_path, read_manifest
 from data_prep.splits import MANIFEST_SPLITS, SPLITS
+from models.dp import private_generator
 from models.protocol import DATA_ENV, MIN_TRAIN_SUBJECTS
 
 # CineMA classification augmentation (reference-cinema.md §3), defined for a 192-voxel crop.
@@ -118,7 +119,8 @@ class VendorDataModule(L.LightningDataModule):
         poisson_sampling: bool = False,
     ) -> None:
         """`poisson_sampling`: each training subject joins each batch independently with probability batch_size /
-        n (DP-SGD's sampling; batches vary in size and may be empty), for n / batch_size batches an epoch."""
+        n (DP-SGD's sampling; batches vary in size and may be empty), for n / batch_size batches an epoch, drawn
+        from a generator the run seed does not determine (models.dp.private_generator)."""
         super().__init__()
         if root is None:
             root = os.environ.get(DATA_ENV)
@@ -220,7 +222,7 @@ class VendorDataModule(L.LightningDataModule):
         sampler = UniformWithReplacementSampler(
             num_samples=len(dataset),
             sample_rate=self.batch_size / len(dataset),
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=private_generator(),  # not the run seed: who is in a batch must stay secret
         )
         return DataLoader(
             dataset,

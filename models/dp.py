@@ -7,6 +7,7 @@ Opacus is imported where it is used: a site without DP-SGD, and every process th
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,6 +53,16 @@ class DPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def private_generator() -> torch.Generator:
+    """A generator for DP-SGD's noise and batch sampling, seeded from the operating system, never from the run seed.
+
+    The job carries the run seed, so the coordinator knows it: noise or batches drawn from it could be replayed,
+    and the guarantee would not hold. DP runs are therefore not bit-reproducible. This is torch's generator, not a
+    cryptographically secure one (Opacus' secure_mode needs torchcsprng, which has no build for this torch).
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 class PrivacyLedger:
@@ -126,6 +137,7 @@ def make_private(
         max_grad_norm=config.max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
+        generator=private_generator(),
     )
     dp_optimizer.attach_step_hook(lambda optimizer: ledger.step(optimizer.noise_multiplier, sample_rate))
     return hooks, dp_optimizer

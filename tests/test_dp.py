@@ -138,3 +138,26 @@ def test_the_federation_gives_the_budget_its_rounds():
     assert config.site.dp_config() == DPConfig(1.0, rounds=7)
     assert config.replace(rounds=3).site.dp_rounds == 3
     assert FederationConfig.for_method(rounds=7).site.dp_config() is None
+
+
+def test_the_noise_and_the_batches_do_not_follow_the_run_seed(prepared_root):
+    """The coordinator knows the run seed (the job carries it): DP-SGD's randomness must not come from it."""
+
+    def batches() -> list[list[str]]:
+        torch.manual_seed(0)
+        datamodule = VendorDataModule(prepared_root, batch_size=2, seed=0, augment=False, poisson_sampling=True)
+        return [batch["subject_id"] for batch in datamodule.train_dataloader()]
+
+    assert batches() != batches()
+
+    def noisy_gradient() -> torch.Tensor:
+        torch.manual_seed(0)
+        module = _module()
+        optimizer = torch.optim.SGD(_trainable(module), lr=0.1)
+        hooks, dp_optimizer = make_private(module.model, optimizer, DPConfig(8.0), 1.0, BATCH, 0.1, PrivacyLedger())
+        module._loss(module(torch.rand(BATCH, 2, 64, 64, 8)), torch.tensor([0, 1, 1, 0])).backward()
+        dp_optimizer.pre_step()
+        hooks.cleanup()
+        return torch.cat([parameter.grad.reshape(-1) for parameter in _trainable(module)])
+
+    assert not torch.equal(noisy_gradient(), noisy_gradient())
