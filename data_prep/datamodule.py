@@ -82,13 +82,12 @@ def _collate_or_empty(image_shape: tuple[int, ...], samples: list[dict[str, obje
     """torch's collation, and for an empty Poisson batch the batch of no subject (DP-SGD still steps on it)."""
     if samples:
         return default_collate(samples)
-    empty: list[str] = []
     return {
         "image": torch.zeros((0, *image_shape), dtype=torch.float32),
         "label": torch.zeros(0, dtype=torch.int64),
-        "subject_id": empty,
-        "client": list(empty),
-        "pathology": list(empty),
+        "subject_id": [],
+        "client": [],
+        "pathology": [],
     }
 
 

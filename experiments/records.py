@@ -6,7 +6,7 @@ threshold and P(diseased) of every test subject (and of its Siemens-profile rend
 machine, finds the finished runs from these files and does not redo them.
 
 A record (JSON):
-- `schema`, `method` (experiments.runs.METHODS), `seed`;
+- `schema`, `method` (experiments.runs.ALL_METHODS), `seed`;
 - `condition`: `name` (e.g. `h1.0`, `h0.0_iid_shift-ge`), `role` (headline, sweep, negative control, positive
   control), `heterogeneity`, `iid_sites`, `concept_shift` (experiments.design.Condition);
 - `hyperparameters` (experiments.preregistration.Hyperparameters), `cohort` (BenchmarkCohortSpec.settings());

@@ -40,7 +40,7 @@ class DPConfig:
             raise ValueError("DP-SGD: " + "; ".join(problems))
 
     def noise_multiplier(self, sample_rate: float, steps_per_round: int) -> float:
-        """σ that spends exactly the budget over every round's steps (Opacus' RDP search, tolerance 0.01)."""
+        """σ that spends the budget over every round's steps, to within 0.01 of ε (Opacus' RDP search)."""
         from opacus.accountants.utils import get_noise_multiplier
 
         return get_noise_multiplier(
