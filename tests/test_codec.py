@@ -3,18 +3,18 @@ and malformed payloads refused, naming the field."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import warnings
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_opt.pt.decomposers import TensorDecomposer
-from nvflare.fuel.utils import fobs
 
-from app.site_config import SiteConfig
 from custom.codec import (
     CODEC_META_KEY,
     SCALES_KEY,
@@ -25,8 +25,7 @@ from custom.codec import (
     pack,
     unpack,
 )
-from custom.comm import payload_bytes
-from models.protocol import FULL_MODEL_BYTES_KEY, SAMPLES_KEY
+from models.protocol import SAMPLES_KEY
 
 BLOCKSIZE = 256
 
@@ -55,12 +54,15 @@ CASES = {
 
 
 def _roundtrip(params: dict[str, torch.Tensor], codec: str) -> dict[str, torch.Tensor]:
-    """Pack, serialize with NVFlare's FOBS as the wire does, deserialize, unpack."""
-    fobs.register(TensorDecomposer)
+    """Pack, serialize, deserialize, unpack. NVFlare's own wire (FOBS) is exercised in a real simulator run
+    (test_options_in_the_simulator.py): registering its decomposers in this process breaks the POC tests' admin
+    login later in the same pytest session."""
     data, entry = pack(params, codec, BLOCKSIZE)
-    shareable = DXO(DataKind.WEIGHTS, data=data, meta={CODEC_META_KEY: entry}).to_shareable()
-    received = from_shareable(fobs.loads(fobs.dumps(shareable)))
-    return unpack(received.data, received.meta[CODEC_META_KEY])
+    buffer = io.BytesIO()
+    torch.save({"data": data, "meta": entry}, buffer)
+    buffer.seek(0)
+    received = torch.load(buffer, weights_only=True)
+    return unpack(received["data"], received["meta"])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -92,22 +94,15 @@ def test_int8_blocks_never_mix_two_tensors():
     assert torch.allclose(decoded["tiny"], params["tiny"], atol=2e-4 / 254 * 1.0001, rtol=0)
 
 
-def _base_update() -> dict[str, torch.Tensor]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random backbone's alarm: only the shapes of the shared keys matter
-        module = SiteConfig.for_method("med_duallora", backbone="base", weights="random").build_module()
-    return module.shared_state_dict()
-
-
-@pytest.mark.parametrize(("codec", "target"), [("fp16", 0.51), ("int8", 0.27)])
-def test_the_payload_meets_its_target_at_cinema_base(codec: str, target: float):
-    update = _base_update()
-    assert sum(value.numel() for value in update.values()) == 89_092
-    meta = {SAMPLES_KEY: 40, FULL_MODEL_BYTES_KEY: 361_000_000, "NUM_STEPS_CURRENT_ROUND": 20}
-    plain = payload_bytes(DXO(DataKind.WEIGHTS, data=update, meta=meta).to_shareable())
-    data, entry = pack(update, codec)
-    packed = payload_bytes(DXO(DataKind.WEIGHTS, data=data, meta={**meta, CODEC_META_KEY: entry}).to_shareable())
-    assert packed <= target * plain, f"{codec}: {packed} B = {packed / plain:.3f} x the fp32 payload {plain} B"
+def test_the_payload_meets_its_targets_at_cinema_base():
+    # The bench script measures NVFlare's FOBS bytes in its own process (see _roundtrip).
+    script = Path(__file__).resolve().parents[1] / "bench" / "compression.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["params"] == 89_092
+    for codec, target in (("fp16", 0.51), ("int8", 0.27)):
+        measured = result["codecs"][codec]
+        assert measured["target"] == target and measured["ratio"] <= target and measured["meets_target"], measured
 
 
 def _packed(codec: str = "int8") -> tuple[dict, dict]:
@@ -175,7 +170,7 @@ def test_the_filter_pair_restores_the_update_and_keeps_the_metadata():
     shareable = DXO(DataKind.WEIGHTS, data=params, meta=meta).to_shareable()
     sent = CompressWeights("int8").process(shareable, FLContext())
     assert set(from_shareable(sent).data) == {VALUES_KEY, SCALES_KEY}
-    received = from_shareable(DecompressWeights().process(fobs.loads(fobs.dumps(sent)), FLContext()))
+    received = from_shareable(DecompressWeights().process(sent, FLContext()))
     assert list(received.data) == list(params)
     assert CODEC_META_KEY not in received.meta
     assert {key: received.meta[key] for key in meta} == meta
