@@ -11,6 +11,7 @@ from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.apis.utils.decomposers import flare_decomposers
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
@@ -27,6 +28,11 @@ def payload_bytes(shareable: Shareable) -> int:
     Over a live connection NVFlare moves tensors above its streaming threshold as separately downloaded chunks of
     the same safetensors bytes; chunk framing and transport headers (gRPC/TCP, TLS) are not counted here.
     """
+    # NVFlare's own decomposers first, as its processes do. Otherwise FOBS auto-registers a generic data-class
+    # decomposer for Shareable, and NVFlare's later registration of the right one is silently ignored: in a process
+    # that then opens an admin session (tests, job submission), the server's login challenge decodes without its
+    # certificate.
+    flare_decomposers.register()
     fobs.register(TensorDecomposer)
     return len(fobs.dumps(shareable))
 
