@@ -7,7 +7,7 @@ import json
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,11 +25,11 @@ DEFAULT_MAX_SAMPLES_PER_SITE = 100_000
 
 
 @dataclass
-class _Update:
+class AcceptedUpdate:
     """An accepted update: its weight, its parameters cast to the global model's dtypes, and its metrics."""
 
     samples: int
-    params: dict[str, torch.Tensor]
+    params: dict[str, Any]
     metrics: dict[str, Any]
     dp_epsilon: float | None = None
 
@@ -49,6 +49,9 @@ class SharedKeyAggregator(ModelAggregator):
     is scaled down to this L2 norm when it is longer, so that no single site can move the global model further.
 
     Metrics (the sites' pre-training validation of their personalised models) are averaged with the same weights.
+
+    What a shared value is, and how the values are combined, are the overridable `_checked_value`,
+    `_weighted_means`, `_describe` and `_result_meta` (custom.secure_aggregation: CKKS ciphertexts).
     """
 
     def __init__(
@@ -77,7 +80,7 @@ class SharedKeyAggregator(ModelAggregator):
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self._accepted: dict[str, _Update] = {}
+        self._accepted: dict[str, AcceptedUpdate] = {}
         self._rejected: dict[str, str] = {}
 
     def expect(self, global_params: dict[str, Any], current_round: int | None) -> None:
@@ -111,7 +114,7 @@ class SharedKeyAggregator(ModelAggregator):
 
     def _validated(
         self, site: str, model: FLModel, params: dict[str, Any], outside: list[str], samples: Any
-    ) -> tuple[_Update | None, str]:
+    ) -> tuple[AcceptedUpdate | None, str]:
         """The update cast to the global model's dtypes, or None and why it is refused."""
         if self._reference is None:
             return None, "the aggregator has no global model for this round to check against"
@@ -135,17 +138,27 @@ class SharedKeyAggregator(ModelAggregator):
         is_number = isinstance(epsilon, int | float) and not isinstance(epsilon, bool)
         if epsilon is not None and not (is_number and math.isfinite(epsilon) and epsilon >= 0):
             return None, f"meta[{DP_EPSILON_KEY!r}] must be a finite non-negative number, got {epsilon!r}"
-        cast = {}
+        checked = {}
         for key, expected in self._reference.items():
-            value, problem = _as_float_tensor(params[key])
+            value, problem = self._checked_value(key, params[key], expected)
             if problem:
-                return None, f"{key} is {problem}"
-            if tuple(value.shape) != tuple(expected.shape):
-                return None, f"shape of {key} is {tuple(value.shape)}, the global model's is {tuple(expected.shape)}"
-            if not torch.isfinite(value).all():
-                return None, f"{key} holds non-finite values"
-            cast[key] = value.to(expected.dtype)
-        return _Update(int(samples), cast, dict(model.metrics or {}), None if epsilon is None else float(epsilon)), ""
+                return None, problem
+            checked[key] = value
+        return AcceptedUpdate(
+            int(samples), checked, dict(model.metrics or {}), None if epsilon is None else float(epsilon)
+        ), ""
+
+    def _checked_value(self, key: str, value: Any, expected: torch.Tensor) -> tuple[Any, str]:
+        """One shared value as it will be averaged (cast to the global model's dtype) and "", or None and why it is
+        refused."""
+        tensor, problem = _as_float_tensor(value)
+        if problem:
+            return None, f"{key} is {problem}"
+        if tuple(tensor.shape) != tuple(expected.shape):
+            return None, f"shape of {key} is {tuple(tensor.shape)}, the global model's is {tuple(expected.shape)}"
+        if not torch.isfinite(tensor).all():
+            return None, f"{key} holds non-finite values"
+        return tensor.to(expected.dtype), ""
 
     def _sample_count_problem(self, samples: Any) -> str:
         is_integer = isinstance(samples, int | np.integer) and not isinstance(samples, bool)
@@ -170,24 +183,16 @@ class SharedKeyAggregator(ModelAggregator):
             )
         sites = sorted(self._accepted)
         updates = [self._clipped(self._accepted[site]) for site in sites]
-        total = sum(update.samples for update in updates)
-        params = {}
-        for key, reference in (self._reference or {}).items():
-            mean = sum(update.params[key].to(torch.float64) * update.samples for update in updates) / total
-            params[key] = mean.to(reference.dtype)
-            if not torch.isfinite(params[key]).all():  # cannot happen with finite, bounded inputs: fail closed
-                raise RuntimeError(f"round {current_round}: the mean of {key} is not finite; not writing it")
-        if self._reference_is_numpy:
-            params = {key: value.numpy() for key, value in params.items()}
+        params = self._weighted_means(updates, current_round)
         metric_names = sorted({name for update in updates for name in update.metrics})
         metrics = {name: _metric_mean([(u.samples, u.metrics.get(name)) for u in updates]) for name in metric_names}
         weights = {site: float(self._accepted[site].samples) for site in sites}
         summary = (
             f"aggregated {len(params)} shared keys from {len(weights)} sites, sample weights {weights}, "
-            f"global model {state_digest(params)}"
+            f"global model {self._describe(params)}"
         )
         self.info(f"round {current_round}: {summary}")
-        meta = {"contributors": weights, "rejected": dict(self._rejected), "missing": missing}
+        meta = {"contributors": weights, "rejected": dict(self._rejected), "missing": missing, **self._result_meta()}
         epsilons = {
             site: self._accepted[site].dp_epsilon for site in sites if self._accepted[site].dp_epsilon is not None
         }
@@ -207,7 +212,28 @@ class SharedKeyAggregator(ModelAggregator):
         self.reset_stats()
         return result
 
-    def _clipped(self, update: _Update) -> _Update:
+    def _weighted_means(self, updates: list[AcceptedUpdate], current_round: int | None) -> dict[str, Any]:
+        """The sample-weighted mean of each shared key, in the global model's dtype (and numpy if it is)."""
+        total = sum(update.samples for update in updates)
+        params = {}
+        for key, reference in (self._reference or {}).items():
+            mean = sum(update.params[key].to(torch.float64) * update.samples for update in updates) / total
+            params[key] = mean.to(reference.dtype)
+            if not torch.isfinite(params[key]).all():  # cannot happen with finite, bounded inputs: fail closed
+                raise RuntimeError(f"round {current_round}: the mean of {key} is not finite; not writing it")
+        if self._reference_is_numpy:
+            params = {key: value.numpy() for key, value in params.items()}
+        return params
+
+    def _describe(self, params: dict[str, Any]) -> str:
+        """How the round's log names the new global model: its digest, which the sites log as they receive it."""
+        return state_digest(params)
+
+    def _result_meta(self) -> dict[str, Any]:
+        """Metadata the new global model carries to the sites, besides the round's contributors."""
+        return {}
+
+    def _clipped(self, update: AcceptedUpdate) -> AcceptedUpdate:
         """The update with its difference from the global model scaled down to `clip_update_norm` when longer."""
         if self.clip_update_norm is None or self._reference is None:
             return update
@@ -220,7 +246,7 @@ class SharedKeyAggregator(ModelAggregator):
             key: (self._reference[key].double() + delta * scale).to(update.params[key].dtype)
             for key, delta in deltas.items()
         }
-        return _Update(update.samples, params, update.metrics)
+        return replace(update, params=params)
 
     def _round(self) -> int | None:
         return self.fl_ctx.get_prop(AppConstants.CURRENT_ROUND) if self.fl_ctx else None

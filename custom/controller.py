@@ -8,18 +8,21 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
+from nvflare.apis.dxo import MetaKey
 from nvflare.apis.fl_constant import WorkspaceConstants
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from custom.evaluation import pooled_threshold, site_histogram
-from custom.global_export import export_global_model
-from models.atomic_io import write_json_atomic
+from custom.global_export import ENCRYPTED_GLOBAL_MODEL_NOTE, export_global_model
+from models.atomic_io import write_json_atomic, write_text_atomic
 from models.protocol import (
     CALIBRATE,
     GLOBAL_THRESHOLD_FILE,
     GLOBAL_THRESHOLD_KEY,
+    NO_GLOBAL_MODEL_FILE,
     REPLICA_SEED_KEY,
+    SHAPES_KEY,
     STAGE_KEY,
     TEST,
     replica_folder,
@@ -30,6 +33,8 @@ REPLICA_STARTED = "replica seed"
 """Starts the server log line of each replica's start (`replica seed 2 (3/3)`), which the simulator runner reads."""
 REPLICA_CHECKPOINT = "ckpt/init_global_adapters_seed{}.pt"
 """A replica's initial global model, in the server app's custom/ folder (the job writes one per replica seed)."""
+ENCRYPTION_META_KEYS = (MetaKey.PROCESSED_KEYS, MetaKey.PROCESSED_ALGORITHM, SHAPES_KEY)
+"""What an encrypted global model (custom.secure_aggregation) carries besides its ciphertexts, to every task."""
 
 
 class ResilientFedAvg(FedAvg):
@@ -108,7 +113,10 @@ class ResilientFedAvg(FedAvg):
 
     def _evaluate(self, model: FLModel, meta: dict) -> list[FLModel]:
         sites = self.sample_clients(None)
-        data = FLModel(params=model.params, params_type=ParamsType.FULL, meta=self._with_replica(meta))
+        encryption = {key: value for key, value in (model.meta or {}).items() if key in ENCRYPTION_META_KEYS}
+        data = FLModel(
+            params=model.params, params_type=ParamsType.FULL, meta=self._with_replica({**meta, **encryption})
+        )
         return self.broadcast_model(
             task_name=EVALUATE_TASK,
             data=data,
@@ -139,7 +147,11 @@ class ResilientFedAvg(FedAvg):
             site = (reply.meta or {}).get("client_name", "?")
             self.info(f"final test metrics of {site}: {reply.metrics}")
             test_figures[site] = dict(reply.metrics or {})
-        if self.model_spec is not None:
+        if self.model_spec is not None and (model.meta or {}).get(MetaKey.PROCESSED_KEYS):
+            written = os.path.join(self._output_dir(), NO_GLOBAL_MODEL_FILE)
+            write_text_atomic(written, ENCRYPTED_GLOBAL_MODEL_NOTE)
+            self.info(f"global model: encrypted, only the sites can read it ({written})")
+        elif self.model_spec is not None:
             written = export_global_model(
                 self._output_dir(),
                 self.model_spec,

@@ -94,6 +94,15 @@ def _group_figures(figures: Mapping[str, Any], group: str) -> dict[str, Any]:
     return {name.removeprefix(prefix): value for name, value in figures.items() if name.startswith(prefix)}
 
 
+ENCRYPTED_GLOBAL_MODEL_NOTE = """# No global model at the server
+
+The job aggregated the shared keys under homomorphic encryption (custom.secure_aggregation): the server holds the
+global model only as ciphertexts, which it cannot read. Every site decrypted it for the final evaluation, and each
+site's `personalised_model/` holds the decrypted global adapter beside its own.
+"""
+"""The server's NO_GLOBAL_MODEL.md when the final global model is encrypted."""
+
+
 def no_global_model_note(policy: SharingPolicy) -> str:
     """Why the aggregated parts of `policy` are not a model anyone can use on their own."""
     kept = sorted(policy.trainable_parts - policy.shared_parts)

@@ -381,11 +381,12 @@ def privacy_section(analysis: Analysis) -> list[str]:
         "Every row of a base method and its variants is on the seeds they all share. ΔAUROC: variant - base, mean "
         "over sites of the paired per-site difference, hierarchical-bootstrap 95 % interval (as the headline's). "
         "Uplink bytes: the serialized payload a site sent per round, as the server's meter counted it (packed, "
-        "for a codec). Job wall s / round: the simulator job's wall time over its rounds and replicas, start-up and "
-        "final evaluation included, on a shared 2-core machine (a rough figure; bench/compression.py times the "
-        "codec itself). ε: the budget spent, mean over seeds of the largest site's; each patient is at one site, so "
-        "that is the run's guarantee for any one patient, under the assumptions of docs/privacy.md (no row without "
-        "DP-SGD carries any)."
+        "for a codec, encrypted under secure aggregation). Job wall s / round: the job's wall time over its rounds "
+        "and replicas (in the simulator; on a POC network for secure aggregation, from submission), start-up and "
+        "final evaluation included, on a shared 2-core machine (a rough figure; bench/compression.py and "
+        "bench/secure_aggregation.py time the codec and the encryption themselves). ε: the budget spent, mean "
+        "over seeds of the largest site's; each patient is at one site, so that is the run's guarantee for any "
+        "one patient, under the assumptions of docs/privacy.md (no row without DP-SGD carries any)."
     )
     return lines + _table(header, body) + ["", note, ""]
 

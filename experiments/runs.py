@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from app.site_config import SiteConfig
 from data_prep.splits import REFERENCE_SUFFIX, REFERENCE_TEST_SPLIT
 from experiments.records import rounded
+from jobs.poc import PocNetwork
 from jobs.recipe import FederationConfig, export_job
 from jobs.simulate import SimulatorRun, last_epochs_only, run_simulator
 from models.dual_lora import DualLoRAConfig
@@ -27,6 +28,8 @@ from models.protocol import DATA_ENV, SEED_PLACEHOLDER, SITES, STATE_ENV, replic
 
 SIMULATOR_LOG = "simulator.log"
 ATTEMPTS = 2
+POC_TIMEOUT_S = 3 * 3600
+"""How long a benchmark unit on a POC network (secure aggregation) may run."""
 """Tries of one federated run: a stalled or failed simulator run is started once more in a fresh workspace."""
 GLOBAL_KIND_OF_CLIENT = {"personalised": "personalised", "global_only": "global"}
 CENTRAL_MODEL = "model"
@@ -52,6 +55,9 @@ class MethodSpec:
     """Transport codec of the training rounds (FederationConfig.compression)."""
     dp_epsilon: float = 0.0
     """DP-SGD budget of each site over the run (SiteConfig.dp_epsilon; 0 = off), at δ = SiteConfig.dp_delta."""
+    secure_aggregation: bool = False
+    """Homomorphic encryption of the shared keys (FederationConfig.secure_aggregation): runs on a POC network, as
+    the simulator cannot load provisioned contexts."""
     base: str | None = None
     """For a variant (VARIANTS): the METHODS entry it changes one thing of, which it is compared against."""
 
@@ -125,6 +131,14 @@ VARIANTS: dict[str, MethodSpec] = {
             )
             for base in ("med_duallora", "ffa_lora")
             for epsilon in (8.0, 1.0)
+        ),
+        MethodSpec(
+            "med_duallora_he",
+            "med_duallora",
+            "as med_duallora, aggregated under homomorphic encryption (CKKS contexts from NVFlare's HEBuilder): the "
+            "server sums the sites' encrypted updates; run on a POC network",
+            secure_aggregation=True,
+            base="med_duallora",
         ),
     )
 }
@@ -260,6 +274,7 @@ def federation_config(
         adapter=adapter,
         replica_seeds=tuple(replica_seeds),
         compression=method.compression,
+        secure_aggregation=method.secure_aggregation,
         **site,
     )
 
@@ -273,17 +288,23 @@ def run_federated(method: MethodSpec, settings: RunSettings, seeds: Sequence[int
     state = unit_dir / "site_state"
     env = {DATA_ENV: settings.data, STATE_ENV: str(state)}
     label = f"{method.name} seeds {' '.join(map(str, seeds))}"
-    run = run_simulator(
-        job_dir,
-        unit_dir / "workspace",
-        settings.sites,
-        settings.simulator_threads,
-        env=env,
-        log_file=unit_dir / SIMULATOR_LOG,
-        progress=last_epochs_only(lambda line: settings.log(f"    {label}: {line}")),
-        attempts=ATTEMPTS,
-        clear_before_retry=[state],
-    )
+    if config.secure_aggregation:
+        settings.log(f"    {label}: on a POC network with provisioned CKKS contexts")
+        network = PocNetwork(unit_dir / "poc", settings.sites, env=env, homomorphic_encryption=True)
+        with network:
+            run = network.run_artifacts(job_dir, timeout=POC_TIMEOUT_S, replica_seeds=replicas)
+    else:
+        run = run_simulator(
+            job_dir,
+            unit_dir / "workspace",
+            settings.sites,
+            settings.simulator_threads,
+            env=env,
+            log_file=unit_dir / SIMULATOR_LOG,
+            progress=last_epochs_only(lambda line: settings.log(f"    {label}: {line}")),
+            attempts=ATTEMPTS,
+            clear_before_retry=[state],
+        )
     problems = run.problems()
     if problems:
         raise RuntimeError(f"{label}: the federated run did not complete: {problems[:3]}; see {unit_dir}")

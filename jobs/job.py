@@ -83,6 +83,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "fp32)",
     )
     federation.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="homomorphic encryption of the shared keys: the server sums ciphertexts, only the sites decrypt "
+        "(poc and submit only; the network must be provisioned with NVFlare's HEBuilder, and tenseal installed)",
+    )
+    federation.add_argument(
         "--process-per-round",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -151,6 +157,7 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         "max_samples_per_site": args.max_samples_per_site,
         "clip_update_norm": args.clip_update_norm,
         "compression": args.compress,
+        "secure_aggregation": args.secure_aggregation,
         "round_timeout_s": args.round_timeout_s,
         "straggler_wait_s": args.straggler_wait_s,
         "process_per_round": args.real if args.process_per_round is None else args.process_per_round,
@@ -241,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(export_job(config, args.out, **export_options))
             return 0
         if args.action == "simulate":
+            if config.secure_aggregation:
+                raise SystemExit(
+                    "error: --secure-aggregation needs the CKKS contexts provisioning puts in each startup kit, which "
+                    "the simulator does not load (NVFlare issue #1959): run it with poc or submit"
+                )
             return simulate(config, workspace, args.simulator_threads, export_options)
         if args.action == "poc":
             return poc(config, workspace, export_options)

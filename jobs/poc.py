@@ -16,8 +16,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -27,6 +28,7 @@ from nvflare.fuel.flare_api.flare_api import new_secure_session
 
 from jobs.privacy import install_site_privacy, install_site_security
 from jobs.processes import ListeningSockets, processes_in, stop_processes_in, wait_until_gone
+from jobs.simulate import SimulatorRun
 from jobs.site_installed import is_site_installed, job_site_config
 from models.policy import SharingPolicy
 from models.protocol import DATA_ENV, SITES
@@ -36,8 +38,11 @@ ADMIN = "admin@nvidia.com"
 COORDINATOR = "coordinator"
 """The server's and the admin's organisation; each site is an organisation of its own, as in production."""
 SERVER_HOST = "127.0.0.1"
+COMPLETED = "FINISHED:COMPLETED"
 FAILED_TO_RUN = "FINISHED:FAILED_TO_RUN"
 """The status of a job that no site would deploy (e.g. custom code a site's authorization refuses)."""
+SECURE_AGGREGATOR = "custom.secure_aggregation.EncryptedSharedKeyAggregator"
+"""The server component of a job with secure aggregation (named, not imported: tenseal is an optional extra)."""
 CONNECT_TIMEOUT_S = 10.0
 """How long a submission tries to reach the server (NVFlare's default for a Flare API session)."""
 
@@ -49,9 +54,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def loopback_project(sites: Sequence[str], port: int) -> dict:
+def loopback_project(sites: Sequence[str], port: int, homomorphic_encryption: bool = False) -> dict:
     """A project.yml whose server is 127.0.0.1 (bound to loopback) on `port`; admin traffic shares the port. The
-    server and the admin belong to the coordinator, each site to its own hospital (as `jobs/production`)."""
+    server and the admin belong to the coordinator, each site to its own hospital (as `jobs/production`).
+    `homomorphic_encryption`: NVFlare's HEBuilder also writes the CKKS contexts of secure aggregation into the
+    kits, before SignatureBuilder signs them (an unsigned context is refused in secure mode)."""
     participants = [{"name": SERVER_HOST, "type": "server", "org": COORDINATOR, "fed_learn_port": port}]
     participants += [{"name": site, "type": "client", "org": f"hospital_{site}"} for site in sites]
     participants.append({"name": ADMIN, "type": "admin", "org": COORDINATOR, "role": "project_admin"})
@@ -60,6 +67,7 @@ def loopback_project(sites: Sequence[str], port: int) -> dict:
         {"path": f"{impl}.workspace.WorkspaceBuilder", "args": {"template_file": ["master_template.yml"]}},
         {"path": f"{impl}.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
         {"path": f"{impl}.cert.CertBuilder"},
+        *([{"path": f"{impl}.he.HEBuilder"}] if homomorphic_encryption else []),
         {"path": f"{impl}.signature.SignatureBuilder"},
     ]
     return {
@@ -69,6 +77,43 @@ def loopback_project(sites: Sequence[str], port: int) -> dict:
         "participants": participants,
         "builders": builders,
     }
+
+
+@dataclass
+class PocRun(SimulatorRun):
+    """A finished POC job, read like a simulator workspace (SimulatorRun's artifacts and checks): the server's run
+    folder as downloaded, each site's run folder in its kit."""
+
+    server_folder: Path = Path()
+    site_folders: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def server_dir(self) -> Path:
+        return self.server_folder
+
+    def site_dir(self, site: str) -> Path:
+        return self.site_folders[site]
+
+    @classmethod
+    def of(cls, result: dict, workspace: Path, seconds: float = 0.0, replica_seeds: Sequence[int] = ()) -> PocRun:
+        """The run of `PocNetwork.run`'s record (also what `python -m jobs.poc` prints)."""
+        if result["server"] is None:
+            raise RuntimeError(f"job {result['job_id']} never started on the POC network ({result['status']})")
+        return cls(
+            workspace=Path(workspace),
+            sites=tuple(result["sites"]),
+            returncode=0 if result["status"] == COMPLETED else 1,
+            seconds=seconds,
+            stopped="" if result["status"] == COMPLETED else f"the job ended {result['status']}",
+            replica_seeds=tuple(replica_seeds),
+            server_folder=Path(result["server"]),
+            site_folders={site: Path(folder) for site, folder in result["sites"].items()},
+        )
+
+    def log(self, participant: str = "server") -> str:
+        folder = self.server_dir if participant == "server" else self.site_dir(participant)
+        path = folder / "log.txt"
+        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
 
 
 class JobFailed(RuntimeError):
@@ -148,15 +193,18 @@ class PocNetwork:
         env: dict[str, str] | None = None,
         site_policy: SharingPolicy | None = None,
         site_authorization: bool = False,
+        homomorphic_encryption: bool = False,
     ):
         """`site_policy`: when given, each site gets its own privacy scope (jobs.privacy) allowing at most what
         this policy shares, applied to every job whatever the job's own filters. `site_authorization`: each site
         also keeps custom code and shell commands to its own staff (jobs.privacy.install_site_security), so that
-        only site-installed jobs run there."""
+        only site-installed jobs run there. `homomorphic_encryption`: the kits carry the CKKS contexts that jobs
+        with secure aggregation need."""
         if site_authorization and site_policy is None:
             raise ValueError("site_authorization needs the site_policy of the privacy scope installed with it")
         self.site_policy = site_policy
         self.site_authorization = site_authorization
+        self.homomorphic_encryption = homomorphic_encryption
         self.listening: set[tuple[str, int]] = set()
         self._sockets: ListeningSockets | None = None
         self.workspace = Path(workspace).resolve()
@@ -172,7 +220,9 @@ class PocNetwork:
     def __enter__(self) -> PocNetwork:
         (self.workspace / "home").mkdir(parents=True, exist_ok=True)
         project_file = self.workspace / "project.yml"
-        project_file.write_text(yaml.safe_dump(loopback_project(self.sites, self.port), sort_keys=False))
+        project_file.write_text(
+            yaml.safe_dump(loopback_project(self.sites, self.port, self.homomorphic_encryption), sort_keys=False)
+        )
         self._nvflare("poc", "prepare", "-i", str(project_file), "--force")
         install = install_site_security if self.site_authorization else install_site_privacy
         if self.site_policy is not None:
@@ -210,6 +260,12 @@ class PocNetwork:
         """Submit, wait, download: the job's id, final status, server folder (None when the job never started), site
         run folders and the port."""
         return self.follow(self.submit(job_dir), timeout)
+
+    def run_artifacts(self, job_dir: str | Path, timeout: int, replica_seeds: Sequence[int] = ()) -> PocRun:
+        """`run`, read as a PocRun: `seconds` counts from submission to the end of the job."""
+        started = time.monotonic()
+        result = self.run(job_dir, timeout)
+        return PocRun.of(result, self.workspace, time.monotonic() - started, replica_seeds)
 
     def follow(self, job_id: str, timeout: int) -> dict:
         """Wait for a submitted job and download its results (`run`'s record)."""
@@ -282,8 +338,22 @@ def run_job(
     `PocNetwork.run`'s record."""
     env = {DATA_ENV: str(Path(data_root).resolve())}
     policy, locked_down = job_site_config(job_dir).policy, is_site_installed(job_dir)
-    with PocNetwork(workspace, port=port, env=env, site_policy=policy, site_authorization=locked_down) as network:
+    network = PocNetwork(
+        workspace,
+        port=port,
+        env=env,
+        site_policy=policy,
+        site_authorization=locked_down,
+        homomorphic_encryption=uses_secure_aggregation(job_dir),
+    )
+    with network:
         return network.run(job_dir, timeout)
+
+
+def uses_secure_aggregation(job_dir: str | Path) -> bool:
+    """Whether an exported job aggregates under homomorphic encryption (its server builds the encrypted aggregator)."""
+    configs = Path(job_dir).glob("*/config/config_fed_server.json")
+    return any(SECURE_AGGREGATOR in config.read_text(encoding="utf-8") for config in configs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"give --data or set {DATA_ENV} to a prepared data root")
     result = run_job(args.job, args.workspace, args.data, args.timeout, args.port)
     print(json.dumps(result, indent=2))
-    return 0 if result["status"] == "FINISHED:COMPLETED" else 1
+    return 0 if result["status"] == COMPLETED else 1
 
 
 if __name__ == "__main__":

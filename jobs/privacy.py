@@ -28,6 +28,8 @@ SITE_INSTALLED_CLASSES = (
     "custom.filters.SharedKeysOnly",
     "custom.codec.CompressWeights",
     "custom.codec.DecompressWeights",
+    "custom.secure_aggregation.EncryptSharedWeights",
+    "custom.secure_aggregation.DecryptSharedWeights",
 )
 """What a site-installed job (jobs.site_installed) builds at a site beyond NVFlare's default allow list."""
 

@@ -82,6 +82,10 @@ class FederationConfig:
     """Compressed transport of the training rounds' weights, both ways (custom.codec): `fp16`, `int8` (blockwise),
     or None (fp32). The final model goes to the sites for evaluation uncompressed, so the model each site tests is
     exactly the one the server exports."""
+    secure_aggregation: bool = False
+    """Homomorphic encryption of the shared keys (custom.secure_aggregation): each site encrypts its update with the
+    CKKS context provisioned into its startup kit, the server sums ciphertexts, only the sites decrypt. POC and
+    production only (the simulator has no provisioned contexts); needs `tenseal` (the `he` extra) everywhere."""
     round_timeout_s: int = 3600
     """A round (and each final evaluation stage) ends after this many seconds, with whoever answered: a hung site
     cannot stall the federation for longer."""
@@ -104,6 +108,16 @@ class FederationConfig:
             self.site = self.site.replace(dp_rounds=self.rounds)  # the DP budget spans the job's rounds
         if self.compression is not None and self.compression not in CODECS:
             raise ValueError(f"compression {self.compression!r}: choose one of {list(CODECS)} or None")
+        if self.secure_aggregation:
+            conflicts = {
+                "compression": self.compression,
+                "clip_update_norm (norms of ciphertexts cannot be taken)": self.clip_update_norm,
+                "resume_from (the persisted global model is encrypted)": self.resume_from,
+                "a policy that shares nothing": not self.policy.shared_parts,
+            }
+            named = [name for name, value in conflicts.items() if value]
+            if named:
+                raise ValueError(f"secure aggregation cannot be combined with {', '.join(named)}")
         if self.tracking not in TRACKING_PACKAGES:
             raise ValueError(f"tracking {self.tracking!r}: choose one of {sorted(TRACKING_PACKAGES)}")
         if self.replica_seeds and (self.resume_from or self.start_round):
@@ -126,6 +140,7 @@ class FederationConfig:
         max_samples_per_site: int = DEFAULT_MAX_SAMPLES_PER_SITE,
         clip_update_norm: float | None = None,
         compression: str | None = None,
+        secure_aggregation: bool = False,
         round_timeout_s: int = 3600,
         straggler_wait_s: int = 600,
         process_per_round: bool = False,
@@ -145,6 +160,7 @@ class FederationConfig:
             max_samples_per_site=max_samples_per_site,
             clip_update_norm=clip_update_norm,
             compression=compression,
+            secure_aggregation=secure_aggregation,
             round_timeout_s=round_timeout_s,
             straggler_wait_s=straggler_wait_s,
             process_per_round=process_per_round,
@@ -293,12 +309,7 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
         train_args=f"--config {SITE_CONFIG_FILE}",
         launch_external_process=config.process_per_round,
         launch_once=not config.process_per_round,
-        aggregator=SharedKeyAggregator(
-            policy,
-            min_updates=config.min_clients,
-            max_samples_per_site=config.max_samples_per_site,
-            clip_update_norm=config.clip_update_norm,
-        ),
+        aggregator=build_aggregator(config),
         model_persistor=PTFileModelPersistor(
             source_ckpt_file_full_name=INITIAL_CHECKPOINT, allow_numpy_conversion=False, load_device="cpu"
         ),
@@ -319,12 +330,29 @@ def build_recipe(config: FederationConfig, train_script: str = CLIENT_SCRIPT) ->
         recipe.add_client_output_filter(CompressWeights(config.compression), tasks=WEIGHT_TASKS)
         recipe.add_server_output_filter(CompressWeights(config.compression), tasks=[TRAIN_TASK])
         recipe.add_client_input_filter(DecompressWeights(), tasks=[TRAIN_TASK])
+    if config.secure_aggregation:
+        from custom.secure_aggregation import DecryptSharedWeights, EncryptSharedWeights  # tenseal: when asked for
+
+        # on the validate task's results too (one task set per chain): they carry metrics, which it passes unchanged
+        recipe.add_client_output_filter(EncryptSharedWeights(), tasks=WEIGHT_TASKS)
+        recipe.add_client_input_filter(DecryptSharedWeights(), tasks=WEIGHT_TASKS)
     recipe.add_server_input_filter(PayloadMeter("up"), tasks=[TRAIN_TASK])
     recipe.add_server_output_filter(PayloadMeter("down"), tasks=[TRAIN_TASK])
     if config.compression:
         recipe.add_server_input_filter(DecompressWeights(), tasks=[TRAIN_TASK])
     add_experiment_tracking(recipe, config.tracking)
     return recipe
+
+
+def build_aggregator(config: FederationConfig) -> SharedKeyAggregator:
+    """The job's validated aggregator: on plaintext, or on ciphertexts under secure aggregation."""
+    policy = config.policy.to_dict()
+    bounds = {"min_updates": config.min_clients, "max_samples_per_site": config.max_samples_per_site}
+    if config.secure_aggregation:
+        from custom.secure_aggregation import EncryptedSharedKeyAggregator  # needs tenseal: only when asked for
+
+        return EncryptedSharedKeyAggregator(policy, **bounds)
+    return SharedKeyAggregator(policy, clip_update_norm=config.clip_update_norm, **bounds)
 
 
 @contextlib.contextmanager

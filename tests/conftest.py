@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from nvflare.apis.client import Client
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.workspace import Workspace
+from nvflare.app_common.app_constant import AppConstants
 
 from data_prep.prepare import run_prepare
 from data_prep.preprocess import Geometry
@@ -187,3 +193,57 @@ def simulate_until_killed(prepared_root: Path) -> Callable[..., Path]:
         return workspace
 
     return run
+
+
+class _ServerEngine:
+    """The engine calls an aggregator makes, backed by a real NVFlare Workspace and Client objects."""
+
+    def __init__(self, root: str, sites: tuple[str, ...]):
+        for folder in ("startup", "local"):
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
+        self.workspace = Workspace(root_dir=root, site_name="server")
+        self.clients = [Client(name, token=name) for name in sites]
+
+    def get_workspace(self) -> Workspace:
+        return self.workspace
+
+    def get_clients(self) -> list[Client]:
+        return self.clients
+
+    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Log events (warnings, errors) have no listener here."""
+
+
+@pytest.fixture
+def server_context() -> Callable[..., FLContext]:
+    """`make(root, sites, current_round)`: an aggregator's FLContext in round `current_round` of job `job1`, its
+    workspace in `root` (the audit file goes to `root/job1/`). NVFlare's server engine cannot exist outside a running
+    server: `_ServerEngine` stands in for the three calls an aggregator makes."""
+
+    def make(root: Path, sites: tuple[str, ...] = SITES, current_round: int = 2) -> FLContext:
+        ctx = FLContext()
+        ctx.set_prop(ReservedKey.ENGINE, _ServerEngine(str(root), tuple(sites)), private=True, sticky=False)
+        ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=True)
+        ctx.set_prop(AppConstants.CURRENT_ROUND, current_round, private=True, sticky=False)
+        (Path(root) / "job1").mkdir(parents=True, exist_ok=True)
+        return ctx
+
+    return make
+
+
+@pytest.fixture
+def filter_chains() -> Callable[[Path], dict[tuple[str, str, str], list[str]]]:
+    """`chains(job_dir)`: the filter class names of an exported job, in order, by (side, filter kind, task)."""
+
+    def chains(job_dir: Path) -> dict[tuple[str, str, str], list[str]]:
+        found: dict[tuple[str, str, str], list[str]] = {}
+        for side in ("client", "server"):
+            config = json.loads((job_dir / "app" / "config" / f"config_fed_{side}.json").read_text())
+            for kind in ("task_data_filters", "task_result_filters"):
+                for chain in config[kind]:
+                    names = [entry["path"].rsplit(".", 1)[-1] for entry in chain["filters"]]
+                    for task in chain["tasks"]:
+                        found.setdefault((side, kind, task), []).extend(names)
+        return found
+
+    return chains

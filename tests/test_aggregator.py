@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.client import Client
-from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.app_constant import AppConstants
 
 from custom.aggregators import SharedKeyAggregator
 from models.policy import get_policy
@@ -27,35 +22,11 @@ HEAD = "model.base_model.model.pred_head_dict.cls.weight"
 SITES = ("siemens", "philips", "ge", "canon")
 
 
-class _Engine:
-    """The engine calls the aggregator makes, backed by a real NVFlare Workspace and Client objects."""
-
-    def __init__(self, root: str, sites: tuple[str, ...]):
-        for folder in ("startup", "local"):
-            os.makedirs(os.path.join(root, folder), exist_ok=True)
-        self.workspace = Workspace(root_dir=root, site_name="server")
-        self.clients = [Client(name, token=name) for name in sites]
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def get_clients(self) -> list[Client]:
-        return self.clients
-
-    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        """Log events (warnings, errors) have no listener here."""
-
-
 REFERENCE = {GLOBAL_A: torch.zeros(2, 3), HEAD: torch.zeros(2)}
 """The round's global model in most tests (what the controller hands the aggregator as it sends the task)."""
 
 
-def _aggregator(tmp_path, **options) -> SharedKeyAggregator:
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.ENGINE, _Engine(str(tmp_path), SITES), private=True, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=True)
-    ctx.set_prop(AppConstants.CURRENT_ROUND, 2, private=True, sticky=False)
-    (tmp_path / "job1").mkdir(exist_ok=True)
+def _aggregator(ctx: FLContext, **options) -> SharedKeyAggregator:
     agg = SharedKeyAggregator(get_policy("med_duallora").to_dict(), **options)
     agg.fl_ctx = ctx
     agg.expect(REFERENCE, 2)
@@ -63,8 +34,8 @@ def _aggregator(tmp_path, **options) -> SharedKeyAggregator:
 
 
 @pytest.fixture
-def aggregator(tmp_path) -> SharedKeyAggregator:
-    return _aggregator(tmp_path)
+def aggregator(tmp_path, server_context) -> SharedKeyAggregator:
+    return _aggregator(server_context(tmp_path))
 
 
 def _result(site: str, params: dict, samples, metrics: dict | None = None, **fields) -> FLModel:
@@ -171,10 +142,10 @@ ATTACKS = [
 @pytest.mark.parametrize(("params", "samples", "fields", "reason"), ATTACKS)
 @pytest.mark.parametrize("attacker_first", [True, False], ids=["attacker-first", "attacker-last"])
 def test_an_attacking_update_is_refused_and_the_honest_ones_still_count(
-    tmp_path, params, samples, fields, reason, attacker_first
+    tmp_path, server_context, params, samples, fields, reason, attacker_first
 ):
     """Whatever arrives first sets no rule: the honest sites are accepted and the global model is their mean."""
-    aggregator = _aggregator(tmp_path)
+    aggregator = _aggregator(server_context(tmp_path))
     honest = [_result("siemens", _honest(1.0), 10), _result("philips", _honest(3.0), 30)]
     attack = _result("ge", {key: value for key, value in params.items()}, samples, **fields)
     arrivals = [attack, *honest] if attacker_first else [*honest, attack]
@@ -204,14 +175,14 @@ def test_a_second_update_from_a_site_in_one_round_is_refused(aggregator):
     assert "second update" in result.meta["rejected"]["siemens"]
 
 
-def test_the_sample_bound_is_a_job_setting(tmp_path):
-    aggregator = _aggregator(tmp_path, max_samples_per_site=50)
+def test_the_sample_bound_is_a_job_setting(tmp_path, server_context):
+    aggregator = _aggregator(server_context(tmp_path), max_samples_per_site=50)
     assert aggregator.accept_model(_result("siemens", _honest(), 50))
     assert not aggregator.accept_model(_result("philips", _honest(), 51))
 
 
-def test_too_few_valid_updates_fail_the_round(tmp_path):
-    aggregator = _aggregator(tmp_path, min_updates=2)
+def test_too_few_valid_updates_fail_the_round(tmp_path, server_context):
+    aggregator = _aggregator(server_context(tmp_path), min_updates=2)
     aggregator.accept_model(_result("siemens", _honest(), 1))
     aggregator.accept_model(_result("ge", _nan(_honest()), 1))
     with pytest.raises(RuntimeError, match="1 valid, 2 needed"):
@@ -223,13 +194,13 @@ def test_without_the_rounds_global_model_nothing_is_accepted(tmp_path):
     assert not aggregator.accept_model(_result("siemens", _honest(), 1))
 
 
-def test_update_clipping_bounds_what_one_site_can_move(tmp_path):
+def test_update_clipping_bounds_what_one_site_can_move(tmp_path, server_context):
     """Robust option: with each update clipped to norm 1, a site sending 1e6 everywhere moves the mean by at most
     its weight share of 1; without clipping it drags the model to about 3e5."""
     huge = {GLOBAL_A: torch.full((2, 3), 1e6), HEAD: torch.full((2,), 1e6)}
     means = {}
     for clip in (None, 1.0):
-        aggregator = _aggregator(tmp_path / str(clip), clip_update_norm=clip)
+        aggregator = _aggregator(server_context(tmp_path / str(clip)), clip_update_norm=clip)
         aggregator.accept_model(_result("siemens", _honest(0.0), 10))
         aggregator.accept_model(_result("philips", _honest(0.0), 10))
         aggregator.accept_model(_result("ge", {k: v.clone() for k, v in huge.items()}, 10))

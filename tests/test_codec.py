@@ -184,18 +184,10 @@ def test_the_decoder_passes_what_was_not_packed_and_the_encoder_passes_metrics()
     assert from_shareable(CompressWeights("fp16").process(metrics, FLContext())).data == {"val_auroc": 0.8}
 
 
-def test_the_job_packs_training_rounds_after_the_filter_and_before_the_meters(tmp_path):
+def test_the_job_packs_training_rounds_after_the_filter_and_before_the_meters(tmp_path, filter_chains):
     from jobs.recipe import FederationConfig, export_job
 
-    job = export_job(FederationConfig.for_method(rounds=1, compression="fp16"), tmp_path)
-    chains = {}
-    for side in ("client", "server"):
-        config = json.loads((job / "app" / "config" / f"config_fed_{side}.json").read_text())
-        for kind in ("task_data_filters", "task_result_filters"):
-            for chain in config[kind]:
-                for task in chain["tasks"]:
-                    names = [entry["path"].rsplit(".", 1)[-1] for entry in chain["filters"]]
-                    chains.setdefault((side, kind, task), []).extend(names)
+    chains = filter_chains(export_job(FederationConfig.for_method(rounds=1, compression="fp16"), tmp_path))
     for task in ("train", "validate"):  # the validate task's results carry metrics only, which pass unchanged
         assert chains[("client", "task_result_filters", task)] == ["SharedKeysOnly", "CompressWeights"]
     assert chains[("client", "task_data_filters", "train")] == ["DecompressWeights"]

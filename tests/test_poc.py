@@ -13,11 +13,12 @@ import torch
 from custom.site_state import SiteState
 from jobs.job import config_from_args, parse_args
 from jobs.job import main as job_main
-from jobs.poc import ADMIN, FAILED_TO_RUN, PocNetwork
+from jobs.poc import ADMIN, FAILED_TO_RUN, PocNetwork, PocRun
 from jobs.privacy import site_authorization, site_privacy_policy
 from jobs.recipe import FederationConfig, export_job
 from jobs.site_installed import CLIENT_CONFIG, SITE_APP
-from models.protocol import DATA_ENV, SITES
+from models.export import load_model
+from models.protocol import AUDIT_FILE, COMM_DIR, DATA_ENV, NO_GLOBAL_MODEL_FILE, SITES
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +26,8 @@ CONFIG = FederationConfig.for_method(rounds=2, local_epochs=1)
 SITE_INSTALLED_JOB = ["--demo", "--site-installed", "--rounds", "2", "--local-epochs", "1"]
 """`CONFIG`, as `jobs/job.py submit` options."""
 SITE_FILE = "local/privacy.json"
+HE_ENCODING_ERROR = 1e-5
+"""Bound on |decrypted - plain| of a global model at HEBuilder's defaults (tests/test_secure_aggregation.py: ~6e-8)."""
 EVERY_KIT_FILE = "log.txt"
 """A file every participant's workspace holds, server and sites alike (NVFlare's `cat` takes only some extensions)."""
 
@@ -149,10 +152,53 @@ def test_every_process_it_started_is_gone(poc_result):
     assert PocNetwork(workspace, port=result["port"]).running_pids() == []
 
 
-def test_the_poc_command_runs_a_site_installed_job_on_locked_down_sites(prepared_root, tmp_path, monkeypatch):
-    """`python jobs/job.py poc --site-installed`, the command users run, on a network of its own."""
-    monkeypatch.setenv(DATA_ENV, str(prepared_root))
-    command = ["poc", "--site-installed", "--rounds", "1", "--local-epochs", "1", "--workspace", str(tmp_path)]
-    assert job_main(command) == 0
-    local = tmp_path / "network" / "poc" / "med_duallora_poc" / "prod_00" / "ge" / "local"
+@pytest.fixture(scope="module")
+def secure_poc_command(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, PocRun]:
+    """`python jobs/job.py poc --site-installed --secure-aggregation`, the command users run, on a network of its
+    own that the command provisions with CKKS contexts: the one-round job of the unfiltered run above, encrypted.
+    Its exit status and its run (from the record the command prints)."""
+    workspace = tmp_path_factory.mktemp("poc_command")
+    command = ["poc", "--site-installed", "--secure-aggregation", "--rounds", "1", "--local-epochs", "1"]
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setenv(DATA_ENV, str(prepared_root))
+        status = job_main([*command, "--workspace", str(workspace)])
+    lines = printed.getvalue().splitlines()
+    record = json.loads("\n".join(lines[lines.index("{") :]))  # the command prints the run's record last
+    return status, PocRun.of(record, workspace / "network")
+
+
+def test_the_poc_command_runs_a_site_installed_job_on_locked_down_sites(secure_poc_command):
+    status, run = secure_poc_command
+    assert status == 0 and run.problems() == []
+    local = run.workspace / "poc" / "med_duallora_poc" / "prod_00" / "ge" / "local"
     assert json.loads((local / "authorization.json").read_text()) == site_authorization()
+
+
+def test_secure_aggregation_gives_the_plain_global_model_and_the_server_only_ciphertexts(
+    poc_results, secure_poc_command
+):
+    """The same one-round job, with and without homomorphic encryption, on contexts from provisioning: each site's
+    decrypted global adapter (in its exported personalised model) is the plain run's global model within the CKKS
+    encoding error, while the server received, aggregated and kept only ciphertexts."""
+    _, secure = secure_poc_command
+    plain = poc_results["unfiltered"]
+    assert plain["status"] == "FINISHED:COMPLETED" and secure.problems() == []
+    plain_global = torch.load(Path(plain["server"]) / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    server = secure.server_dir
+    kept = torch.load(secure.global_model_path, weights_only=True)["model"]
+    assert set(kept) == set(plain_global) and all(isinstance(value, bytes) for value in kept.values())
+    assert "homomorphic encryption" in (server / NO_GLOBAL_MODEL_FILE).read_text()
+    received = [json.loads(line) for line in (server / AUDIT_FILE).read_text().splitlines()]
+    assert len(received) == len(SITES) and all(record["rejected"] == "" for record in received)
+    uplink = json.loads((server / COMM_DIR / "bytes_up.json").read_text())
+    plain_uplink = json.loads((Path(plain["server"]) / COMM_DIR / "bytes_up.json").read_text())
+    assert min(r["payload_bytes"] for r in uplink) > 10 * max(r["payload_bytes"] for r in plain_uplink)
+    largest = 0.0
+    for site in SITES:
+        decrypted = load_model(secure.personalised_model_dir(site)).shared_state_dict()
+        assert set(decrypted) == set(plain_global), site
+        for key, value in plain_global.items():
+            largest = max(largest, float((decrypted[key] - value).abs().max()))
+    assert largest < HE_ENCODING_ERROR, largest
+    assert any(float(value.abs().max()) > 100 * HE_ENCODING_ERROR for value in plain_global.values())
