@@ -21,6 +21,7 @@ import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_opt.he import decomposers
 from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
 from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
@@ -91,7 +92,8 @@ class EncryptedSharedKeyAggregator(SharedKeyAggregator):
     Still checked for every update: exactly the policy's shared keys, each a CKKS vector of the key's size, the
     algorithm, FULL params, one update per site and round for the current round, the sample count in bounds and the
     ε. Not checkable on ciphertexts, and so not checked: finite values, shapes beyond the element count, that a
-    site's values were weighted by the count it claims, and norm clipping (refused).
+    site's values were weighted by the count it claims, that it encrypted under the provisioned key, and norm
+    clipping (refused).
     """
 
     def __init__(
@@ -124,7 +126,9 @@ class EncryptedSharedKeyAggregator(SharedKeyAggregator):
             return None, f"{key} encrypts {value.size()} values; {shape} in the global model is {expected.numel()}"
         return value, ""
 
-    def _validated(self, site: str, model: Any, params: dict[str, Any], outside: list[str], samples: Any):
+    def _validated(
+        self, site: str, model: FLModel, params: dict[str, Any], outside: list[str], samples: Any
+    ) -> tuple[AcceptedUpdate | None, str]:
         algorithm = (model.meta or {}).get(MetaKey.PROCESSED_ALGORITHM)
         if params and algorithm != HE_ALGORITHM_CKKS:
             return None, f"meta[{MetaKey.PROCESSED_ALGORITHM!r}] is {algorithm!r}: the job aggregates CKKS ciphertexts"

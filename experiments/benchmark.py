@@ -33,7 +33,7 @@ import torch
 from data_prep.benchmark_cohort import NOISE_SCHEME, BenchmarkCohortSpec
 from data_prep.benchmark_cohort import SCHEMA as COHORT_SCHEMA
 from experiments.cohorts import cohort_data
-from experiments.design import HEADLINE, PARTS, Condition, Unit, conditions_of, units_of
+from experiments.design import DEFAULT_SEEDS, HEADLINE, PARTS, QUICK_SEEDS, Condition, Unit, conditions_of, units_of
 from experiments.extend import DrawScorer, NotExtendable, draws_missing, extend_record
 from experiments.preregistration import (
     Hyperparameters,
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = list(PART_NAMES) if "all" in args.part else list(args.part)
     work_dir = (args.work / "quick" if args.quick else args.work).resolve()
     results_dir = (args.results or (work_dir / "results" if args.quick else Path("docs/results"))).resolve()
-    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    seeds = args.seeds or list(QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
     sizes = Sizes(**QUICK_SIZES) if args.quick else Sizes()
     base = RunSettings(data="", weights=args.weights, backbone=args.backbone, batch_size=args.batch_size, log=log)
     configuration = {

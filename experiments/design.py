@@ -81,6 +81,9 @@ QUICK_METHODS = {
     "controls": ("med_duallora", "fedit"),
     "privacy": ("med_duallora_int8", "med_duallora_dp8"),
 }
+DEFAULT_SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 1)
+"""The seeds a part runs unless `--seeds` says otherwise (`--quick`: QUICK_SEEDS); a unit holding them is complete."""
 QUICK_HETEROGENEITY = 0.0
 """`--quick` runs every part on fewer methods (and the sweep at h = 0 only): a smoke test of the whole pipeline."""
 

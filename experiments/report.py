@@ -31,7 +31,7 @@ from experiments.analysis import (
     validity_banner,
     validity_section,
 )
-from experiments.design import PARTS, SWEEP_HETEROGENEITY
+from experiments.design import DEFAULT_SEEDS, PARTS, SWEEP_HETEROGENEITY
 from experiments.preregistration import read_preregistration
 from experiments.records import EXTENSION_FIELD, read_records
 from experiments.runs import ALL_METHODS, METHODS
@@ -84,17 +84,20 @@ def coverage_section(benchmark: Benchmark) -> list[str]:
         ),
         "",
     ]
+    required = set(DEFAULT_SEEDS)
     for part, units in PARTS.items():
         keys = {unit.name: (unit.condition.name, unit.method) for unit in units}
         missing = [name for name, key in keys.items() if key not in seeds]
         partial = [
             f"{name} (seeds {_list(sorted(seeds[key]))})"
             for name, key in keys.items()
-            if key in seeds and seeds[key] != all_seeds
+            if key in seeds and not required <= seeds[key]
         ]
+        held = sorted({_list(sorted(seeds[key])) for key in keys.values() if key in seeds})
         line = f"- part `{part}`: {len(units) - len(missing) - len(partial)} of {len(units)} units complete"
+        line += f" (seeds {'; '.join(held)})" if held else ""
         line += f"; not run: {', '.join(missing)}" if missing else ""
-        line += f"; missing seeds: {', '.join(partial)}" if partial else ""
+        line += f"; without every seed of {_list(DEFAULT_SEEDS)}: {', '.join(partial)}" if partial else ""
         lines.append(line)
     design = {unit.condition.name for units in PARTS.values() for unit in units}
     absent = sorted(design - set(benchmark.conditions))

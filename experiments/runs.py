@@ -28,9 +28,9 @@ from models.protocol import DATA_ENV, SEED_PLACEHOLDER, SITES, STATE_ENV, replic
 
 SIMULATOR_LOG = "simulator.log"
 ATTEMPTS = 2
+"""Tries of one federated run: a stalled or failed simulator run is started once more in a fresh workspace."""
 POC_TIMEOUT_S = 3 * 3600
 """How long a benchmark unit on a POC network (secure aggregation) may run."""
-"""Tries of one federated run: a stalled or failed simulator run is started once more in a fresh workspace."""
 GLOBAL_KIND_OF_CLIENT = {"personalised": "personalised", "global_only": "global"}
 CENTRAL_MODEL = "model"
 """The centralized baseline's exported model (models.export format), in its run folder."""

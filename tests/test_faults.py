@@ -88,12 +88,12 @@ def test_a_site_killed_mid_round_rejoins_the_next_round_with_its_local_state(run
 
 
 HANGING_SITE = "canon"
-HANG_SECONDS = 120
+HANG_SECONDS = 80
 ROUND_TIMEOUT_S = 40
 """Every round's timeout, round 0 included, which also holds the sites' start-up (process, imports): on a loaded
 2-core machine that alone took over 25 s."""
 
-# `canon` hangs for 120 s at the start of round 1's training.
+# `canon` hangs for 80 s (twice the round timeout) at the start of round 1's training.
 HANGING_CLIENT = faulty_client(HANGING_SITE, "on_train_start", f"time.sleep({HANG_SECONDS})")
 
 

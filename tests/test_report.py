@@ -25,6 +25,7 @@ from experiments.analysis import (
 from experiments.design import HEADLINE, NEGATIVE_CONTROL, POSITIVE_CONTROL, SHIFTED_SITE, Condition
 from experiments.records import RECORD_SCHEMA, record_path, rounded, write_record
 from experiments.report import write_report
+from experiments.runs import METHODS
 from experiments.stats import Effect, auroc, balanced_accuracy, paired_delta, worst_site_interval
 from models.protocol import SITES
 
@@ -408,6 +409,17 @@ def test_a_headline_only_run_reports_what_is_missing(tmp_path):
     assert "none (quick smoke run)" in text
     assert "| 0.5 | not run | not run |" in text
     assert "not measured (no `probe_auroc_by_vendor` in sanity.json)" in text
+
+
+def test_a_unit_is_complete_once_it_holds_the_default_seeds_whatever_other_units_hold(tmp_path):
+    """The headline may run more seeds than the other parts: a sweep unit with seeds 0 1 2 is still complete."""
+    write_runs(tmp_path, HEADLINE, ("med_duallora",), seeds=(0, 1, 2, 3), n_test=40)
+    write_runs(tmp_path, HEADLINE, ("fedit",), seeds=(0, 1, 2), n_test=40)
+    write_runs(tmp_path, HEADLINE, ("local_only",), seeds=(0, 1), n_test=40)
+    write_report(tmp_path, log=quiet, **FAST)
+    headline = next(line for line in summary(tmp_path).splitlines() if line.startswith("- part `headline`"))
+    assert headline.startswith(f"- part `headline`: 2 of {len(METHODS)} units complete (seeds 0 1; 0 1 2; 0 1 2 3)")
+    assert "without every seed of 0 1 2: h1.0/local_only (seeds 0 1)" in headline
 
 
 def test_preregistration_and_sanity_files_are_reported(tmp_path):
