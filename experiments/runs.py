@@ -290,8 +290,7 @@ def run_federated(method: MethodSpec, settings: RunSettings, seeds: Sequence[int
     label = f"{method.name} seeds {' '.join(map(str, seeds))}"
     if config.secure_aggregation:
         settings.log(f"    {label}: on a POC network with provisioned CKKS contexts")
-        network = PocNetwork(unit_dir / "poc", settings.sites, env=env, homomorphic_encryption=True)
-        with network:
+        with PocNetwork(unit_dir / "poc", settings.sites, env=env, homomorphic_encryption=True) as network:
             run = network.run_artifacts(job_dir, timeout=POC_TIMEOUT_S, replica_seeds=replicas)
     else:
         run = run_simulator(

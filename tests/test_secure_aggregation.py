@@ -10,8 +10,8 @@ import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.lighter.impl.he import HEBuilder
 
+from bench.secure_aggregation import provisioned_contexts
 from custom.aggregators import SharedKeyAggregator
 from custom.secure_aggregation import (
     DecryptionError,
@@ -38,12 +38,7 @@ ENCODING_ERROR = 1e-6
 @pytest.fixture(scope="module")
 def contexts() -> dict[str, ts.Context]:
     """The contexts provisioning gives the sites (with the secret key) and the server (without), from HEBuilder."""
-    builder = HEBuilder()
-    builder.initialize(project=None, ctx=None)  # it only builds the TenSEAL context
-    return {
-        "client": ts.context_from(builder.get_serialized_context(is_client=True)),
-        "server": ts.context_from(builder.get_serialized_context(is_client=False)),
-    }
+    return provisioned_contexts()
 
 
 def _updates() -> dict[str, dict[str, torch.Tensor]]:
